@@ -1,0 +1,108 @@
+"""The LLM protocol every backend implements, and the records it returns.
+
+A request is a chat (a list of ``{"role", "content"}`` messages) plus decoding parameters, a
+sample index and a seed. A backend answers a *batch* of requests; the call cache
+(``wowlib.llm.cache``) decides which batches still need answering.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding parameters. ``temperature == 0`` means greedy."""
+
+    temperature: float = 1.0
+    max_new_tokens: int = 512
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid decoding parameters {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY_32 = Decoding(temperature=0.0, max_new_tokens=32)   # the paper's answer-extraction call
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: tuple[tuple[str, str], ...]      # ((role, content), ...): hashable, ordered
+    decoding: Decoding = Decoding()
+    sample_idx: int = 0
+    seed: int = 0
+
+    @classmethod
+    def chat(cls, messages: Sequence[Message], decoding: Decoding = Decoding(), sample_idx: int = 0,
+             seed: int = 0) -> "Request":
+        for m in messages:
+            if set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"a message needs exactly 'role' (system/user/assistant) and 'content': {m!r:.80}")
+        return cls(tuple((m["role"], m["content"]) for m in messages), decoding, sample_idx, seed)
+
+    @property
+    def message_dicts(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def as_json(self) -> dict:
+        return {"messages": [list(m) for m in self.messages], "decoding": asdict(self.decoding),
+                "sample_idx": self.sample_idx, "seed": self.seed}
+
+
+@dataclass
+class Completion:
+    """One answer. A failed call has ``status == "error"`` and an ``error`` text, never a fake
+    answer; it is not cached, so a rerun retries it."""
+
+    text: str
+    n_tokens: int
+    mean_logprob: float | None
+    finish: str = "stop"                 # "stop" | "length" | "error"
+    status: str = "ok"
+    error: str | None = None
+    token_logprobs: list[float] | None = field(default=None, repr=False)
+
+    @classmethod
+    def failed(cls, error: str) -> "Completion":
+        return cls(text="", n_tokens=0, mean_logprob=None, finish="error", status="error", error=error)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d.pop("token_logprobs")
+        return d
+
+
+class LLM(Protocol):
+    """What every backend provides."""
+
+    name: str       # a short label for tables ("smollm2-135m", "smollm2-135m+dpo-oracle")
+    key: str        # identity for the call cache: backend, model id, adapter hash
+
+    def plan(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Split request indices into batches; deterministic in the request list."""
+        ...
+
+    def run_batch(self, requests: Sequence[Request]) -> list[Completion]:
+        """Answer one planned batch."""
+        ...
+
+    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
+                        choices: Sequence[str]) -> list[dict[str, float]]:
+        """For each chat, the log-probability of each choice as the first token(s) of the
+        assistant turn after ``prefix`` (e.g. prefix "Preferred output: ", choices "1", "2")."""
+        ...
+
+    def score(self, prompts: Sequence[Sequence[Message]], continuations: Sequence[str]) -> list[list[float]]:
+        """Per-token log-probabilities of each continuation as the assistant's reply."""
+        ...
+
+
+def batches_of(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]

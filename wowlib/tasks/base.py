@@ -1,0 +1,305 @@
+"""The task abstraction: questions, prompts, answer parsing, proxy correctness, splits.
+
+A *proxy* maps an answer to [0, 1]: how right it is (1 = the gold answer). It is the ground truth
+of "how wrong": wrong-over-wrong (WoW) pairs are ordered by it. Every task says how it reads its
+original data files, how it asks (the paper's chain-of-thought prompt + the task's query and
+options), how it extracts the final answer (a second user turn + a regex), and how it grades.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from .. import paths
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Input data that does not have the expected shape. The message names the file, the line or
+    item, and what was expected."""
+
+
+class ProxyUnavailable(RuntimeError):
+    """The task's proxy needs a resource that is not available here (e.g. Vera, FActScore)."""
+
+
+def missing_file(path: Path, data_dir: Path, what: str, source: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what}: file not found: {path}\n"
+        f"  looked in the data directory {data_dir} (set WOW_DATA_DIR to change it)\n"
+        f"  get it from: {source}"
+    )
+
+
+# ---------------------------------------------------------------------------- reading files
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for every non-blank line; a bad line is a DataError."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def field_of(record: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``record[key]``, checked to be of ``kind``; ``where`` names the file and line/item."""
+    if key not in record:
+        raise DataError(f"{where}: missing key {key!r} (keys present: {sorted(record)})")
+    value = record[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        names = "/".join(k.__name__ for k in _as_tuple(kind))
+        raise DataError(f"{where}: key {key!r} should be {names}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+# ---------------------------------------------------------------------------- questions
+
+@dataclass(frozen=True)
+class Question:
+    """One item of a task. For multiple choice, ``options`` and ``option_proxies`` are in the
+    ORIGINAL order and ``gold`` is the index of the correct option; for numeric tasks ``gold`` is
+    the number; for open-ended tasks it is None."""
+
+    task: str
+    qid: str
+    query: str
+    options: tuple[str, ...] = ()
+    option_proxies: tuple[float, ...] = ()
+    gold: Any = None
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def is_mc(self) -> bool:
+        return bool(self.options)
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed derived from the parts' text, stable across processes and Python versions."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def normalise_text(text: str) -> str:
+    """NFKC (full-width letters/digits -> ASCII), unicode minus -> '-', markdown emphasis and
+    surrounding brackets/quotes removed, whitespace stripped."""
+    text = unicodedata.normalize("NFKC", text or "").replace("\u2212", "-")
+    text = re.sub(r"[*_`]+", "", text)
+    return text.strip().strip("\"'()[]").strip()
+
+
+_NONE = re.compile(r"^none\.?$", re.IGNORECASE)
+# The paper's answer pattern for multiple choice, applied after normalise_text.
+_MC_PATTERN = re.compile(r"([A-Z])(\.|\. .+)?$")
+NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
+_NUMBER = re.compile(NUMBER)
+
+
+def parse_letter(text: str, n_options: int) -> int | None:
+    """The shown option index in a final-answer reply, or None (no answer, "None", or a letter
+    beyond the options)."""
+    text = normalise_text(text)
+    if not text or _NONE.match(text):
+        return None
+    match = _MC_PATTERN.search(text)
+    if not match:
+        return None
+    index = LETTERS.index(match.group(1))
+    return index if index < n_options else None
+
+
+def parse_number(text: str, pattern: re.Pattern | None = None) -> float | None:
+    """A number from a final-answer reply: the first group of ``pattern`` if it matches, else
+    the last number in the text; thousands separators removed; None for "None" or no number."""
+    text = normalise_text(text)
+    if not text or _NONE.match(text):
+        return None
+    if pattern is not None and (match := pattern.search(text)):
+        token = match.group(1)
+    else:
+        found = _NUMBER.findall(text)
+        if not found:
+            return None
+        token = found[-1]
+    try:
+        return float(token.replace(",", ""))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------- tasks
+
+class Task:
+    """Base class. Subclasses set the class attributes and implement ``_load``."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]                 # "mc" | "numeric" | "open"
+    description: ClassVar[str]
+    source: ClassVar[str]               # where the data comes from (shown when a file is missing)
+    extract_prompt: ClassVar[str | None] = "extract_multiple_choice"
+    n_questions: ClassVar[int] = 625    # paper: sample up to 625 questions, seed 42
+    split_ratio: ClassVar[tuple[float, float, float]] = (0.8, 0.1, 0.1)
+    split_seed: ClassVar[int] = 42
+    domain: ClassVar[str] = ""          # tasks of one domain form generalisation pairs
+    options_header: ClassVar[str] = "\nOptions:\n"
+
+    def __init__(self, data_dir: Path | str | None = None) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else paths.data_dir()
+        self._items: list[Question] | None = None
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}: {self.description}>"
+
+    # -- data
+    def path(self, relative: str) -> Path:
+        path = self.data_dir / relative
+        if not path.exists():
+            raise missing_file(path, self.data_dir, f"task {self.name!r}", self.source)
+        return path
+
+    def _load(self) -> list[Question]:
+        raise NotImplementedError
+
+    def load(self) -> list[Question]:
+        """Every usable item of the original files, in file order."""
+        if self._items is None:
+            items = self._load()
+            seen: set[str] = set()
+            for q in items:
+                if q.qid in seen:
+                    raise DataError(f"task {self.name}: duplicate question id {q.qid!r}")
+                seen.add(q.qid)
+            self._items = items
+        return self._items
+
+    def splits(self) -> dict[str, list[Question]]:
+        """Sample up to ``n_questions`` with ``split_seed``, then cut train/val/test 8:1:1.
+        Deterministic; a smaller profile takes a prefix of each split, so it is a subset."""
+        items = self.load()
+        chosen = random.Random(self.split_seed).sample(items, min(self.n_questions, len(items)))
+        n_train = round(len(chosen) * self.split_ratio[0])
+        n_val = round(len(chosen) * self.split_ratio[1])
+        return {"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val],
+                "test": chosen[n_train + n_val:]}
+
+    def questions(self, split: str, n: int | None = None) -> list[Question]:
+        """The first ``n`` questions of ``split`` (all if None), ready to ask and grade."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        items = self.splits()[split]
+        return self.materialise(items if n is None else items[:n])
+
+    def materialise(self, items: list[Question]) -> list[Question]:
+        """Complete questions whose options or proxies are expensive (engine analyses, sentence
+        embeddings); done only for the questions a run uses, and cached on disk."""
+        return items
+
+    # -- asking
+    def query(self, q: Question, order: list[int] | None = None) -> str:
+        """The task text after the CoT instruction: the query, then the options in ``order``."""
+        if not q.is_mc:
+            return q.query
+        order = order if order is not None else list(range(len(q.options)))
+        return q.query + self.options_header + self.format_options(q, order)
+
+    def format_options(self, q: Question, order: list[int]) -> str:
+        return "".join(f"{LETTERS[i]}. {q.options[j]}\n" for i, j in enumerate(order))
+
+    def prompt(self, q: Question, order: list[int] | None = None) -> str:
+        """The user turn of the paper's sampling protocol: CoT instruction + query + options."""
+        return paths.prompt_text("cot") + self.query(q, order)
+
+    def judge_query(self, q: Question) -> str:
+        """What a judge sees as the instruction: the query without the CoT instruction and, for
+        multiple choice, without the options (as in the paper's code: each sample saw them in a
+        different order, so letters mean different things)."""
+        return q.query
+
+    def option_order(self, q: Question, sample_idx: int, seed: int) -> list[int] | None:
+        """The permutation shown to sample ``sample_idx`` (position -> original option index);
+        independent of how many samples are drawn."""
+        if not q.is_mc:
+            return None
+        order = list(range(len(q.options)))
+        random.Random(stable_seed(self.name, q.qid, sample_idx, seed)).shuffle(order)
+        return order
+
+    def extraction_instruction(self) -> str:
+        if self.extract_prompt is None:
+            raise ValueError(f"task {self.name} has no answer extraction (open-ended)")
+        return paths.prompt_text(self.extract_prompt)
+
+    # -- grading
+    def parse(self, text: str, q: Question) -> float | int | None:
+        """The answer in the reply to the extraction turn: the SHOWN option index (mc) or a number."""
+        if self.kind == "mc":
+            return parse_letter(text, len(q.options))
+        raise NotImplementedError
+
+    def to_answer(self, parsed: float | int | None, order: list[int] | None) -> float | int | None:
+        """Map a parsed reply to the answer in the ORIGINAL option order (mc) or keep the number."""
+        if parsed is None or order is None:
+            return parsed
+        return order[int(parsed)]
+
+    def proxy(self, q: Question, answer: Any) -> float | None:
+        if answer is None:
+            return None
+        if self.kind == "mc":
+            return float(q.option_proxies[int(answer)])
+        raise NotImplementedError
+
+    def is_correct(self, q: Question, answer: Any) -> bool:
+        """Multiple choice: the chosen option has the highest proxy (the paper's rule)."""
+        if answer is None:
+            return False
+        if self.kind == "mc":
+            return q.option_proxies[int(answer)] == max(q.option_proxies)
+        raise NotImplementedError
+
+    @property
+    def has_proxy(self) -> bool:
+        return True
+
+
+class MultipleChoiceTask(Task):
+    kind = "mc"
+
+
+def mc_question(task: str, qid: str, query: str, options: list[str], proxies: list[float],
+                gold: int, where: str, meta: dict | None = None) -> Question:
+    """Build and check a multiple-choice question (the gold option must have the top proxy)."""
+    if len(options) != len(proxies) or not 2 <= len(options) <= len(LETTERS):
+        raise DataError(f"{where}: {len(options)} options with {len(proxies)} proxies")
+    if not 0 <= gold < len(options):
+        raise DataError(f"{where}: gold index {gold} outside 0..{len(options) - 1}")
+    if any(not 0.0 <= p <= 1.0 for p in proxies) or proxies[gold] != max(proxies):
+        raise DataError(f"{where}: proxies must lie in [0, 1] with the gold highest, got {proxies}")
+    return Question(task=task, qid=qid, query=query, options=tuple(options),
+                    option_proxies=tuple(float(p) for p in proxies), gold=gold, meta=meta or {})
