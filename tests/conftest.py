@@ -1,0 +1,32 @@
+"""Shared test settings: offline hubs, the real data directory, a shared model cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real datasets (WOW_DATA_DIR; CI sets ../shared/data). Missing data is a failure, not a
+    skip: the task tests are the proof that the loaders read the original files."""
+    from wowlib import paths
+    path = paths.data_dir()
+    if not (path / "knowledge_crosswords").exists():
+        pytest.fail(f"real data not found in {path}: set WOW_DATA_DIR (see README, Data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The tiny test model (built once per machine into the cache directory)."""
+    from wowlib.llm.tiny import tiny_model_dir
+    return tiny_model_dir()
