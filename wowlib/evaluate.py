@@ -1,0 +1,646 @@
+"""Phase 2 evaluation: is the aligned model less wrong, more correct, better calibrated?
+
+From the answer records of DESIGN.md section 4 (one dict per (question, sample), the same as the
+Phase 1 samples), this module computes, per (model, task):
+
+- ``p_wrong``: the mean proxy of the WRONG answers ("less wrong"). As in the paper's code, an
+  answer that could not be parsed (``status`` "unparsed", or "error") is wrong and counts as
+  proxy 0; ``p_wrong_parsed`` excludes those answers instead, so a model that merely parses better
+  cannot pass for one that is less wrong.
+- ``mean_proxy``: the mean proxy of ALL answers (unparsed = 0): the paper's "mean proxy score",
+  the default criterion for choosing a grid configuration on D_val.
+- ``accuracy``: the share of all samples that are correct ("more correct"; unparsed = wrong).
+- ``ece``: expected calibration error, 10 equal-width bins over confidence = exp(mean token
+  log-prob), with the reliability-diagram data behind it.
+
+then the improvements of an aligned model over the original on the same questions, with paired
+bootstrap confidence intervals that resample QUESTIONS; the selection of grid configurations on
+D_val; and the generic builder behind Tables 2-4 and the control rows.
+
+Every metric is a function of per-question sums (counts, proxy sums, per-bin confidence and
+correctness sums), so the point estimate and every bootstrap resample go through one code path:
+a resample of questions is a vector of multiplicities, and its sums are a matrix product.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+log = logging.getLogger(__name__)
+
+N_BINS = 10                     # paper: 10 equal-width bins
+N_RESAMPLES = 2000              # bootstrap resamples (tests use fewer)
+CONFIDENCE_LEVEL = 0.95
+SEED = 0
+
+MODEL_METRICS = ("p_wrong", "p_wrong_parsed", "mean_proxy", "accuracy", "ece")
+IMPROVEMENTS = ("delta_p_wrong", "delta_p_wrong_parsed", "delta_mean_proxy", "delta_accuracy",
+                "neg_delta_ece")
+TABLE_IMPROVEMENTS = ("delta_p_wrong", "delta_accuracy", "neg_delta_ece")   # the paper's columns
+
+# Preference types as the tables name them (metadata key "preference").
+WOW_PREFERENCES = ("oracle", "direct", "score")
+ROW_PREFERENCES = ("row", "row+oracle", "row+direct", "row+score")
+CONTROL_PREFERENCES = ("random", "sft_wrong")
+META_KEYS = ("preference", "trainer", "source", "train_task", "config")
+
+_REQUIRED = ("task", "question_id", "status", "correct", "proxy", "mean_logprob")
+_STATUSES = ("ok", "unparsed", "error")
+
+
+# ---------------------------------------------------------------------------- confidence and bins
+
+def confidence(mean_logprob: float | None) -> float:
+    """exp(mean token log-prob) in [0, 1]; NaN when the response has no log-prob (an error).
+    -inf gives 0; a positive value within float noise of 0 is clipped to 1."""
+    if mean_logprob is None or (isinstance(mean_logprob, float) and math.isnan(mean_logprob)):
+        return math.nan
+    value = float(mean_logprob)
+    if value > 1e-6:
+        raise ValueError(f"mean_logprob must be <= 0 (a log-probability), got {value}")
+    return min(1.0, math.exp(value))
+
+
+def bin_index(confidences: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """The bin of each confidence for ``n_bins`` equal-width bins over [0, 1].
+
+    Bins are (lower, upper] as in the paper's code, with the edges of ``np.linspace(0, 1, n + 1)``
+    (so boundary values fall exactly where the official comparisons put them), EXCEPT that the
+    first bin is [0, 1/n]: the official code tests ``conf > lower``, which silently dropped every
+    answer with confidence exactly 0 (and still counted it in the denominator). Confidence 1 falls
+    in the last bin."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = np.asarray(confidences, dtype=float)
+    if conf.size and (np.nanmin(conf) < 0.0 or np.nanmax(conf) > 1.0):
+        raise ValueError("confidences must lie in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+
+
+def _bin_sums(correct: np.ndarray, conf: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n_bins, 3): count, sum of confidence, sum of correctness per bin."""
+    b = bin_index(conf, n_bins)
+    return np.stack([np.bincount(b, minlength=n_bins).astype(float),
+                     np.bincount(b, weights=conf, minlength=n_bins),
+                     np.bincount(b, weights=correct.astype(float), minlength=n_bins)], axis=1)
+
+
+def _ece_from_bins(bins: np.ndarray) -> np.ndarray:
+    """ECE = sum_b (n_b / n) |acc_b - conf_b| = sum_b |sum_b correct - sum_b conf| / n.
+    Empty bins contribute nothing (they are skipped); no answers -> NaN. ``bins``: (..., n_bins, 3)."""
+    n = bins[..., 0].sum(axis=-1)
+    gap = np.abs(bins[..., 2] - bins[..., 1]).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, gap / np.where(n > 0, n, 1), np.nan)
+
+
+def ece(correct: Sequence[bool] | np.ndarray, confidences: Sequence[float] | np.ndarray,
+        n_bins: int = N_BINS) -> float:
+    """Expected calibration error with ``n_bins`` equal-width bins (see ``bin_index``); NaN if
+    there are no answers."""
+    correct, conf = np.asarray(correct, dtype=bool), np.asarray(confidences, dtype=float)
+    if correct.shape != conf.shape:
+        raise ValueError(f"correct and confidences differ in shape: {correct.shape} vs {conf.shape}")
+    return float(_ece_from_bins(_bin_sums(correct, conf, n_bins)))
+
+
+def reliability(correct: Sequence[bool] | np.ndarray, confidences: Sequence[float] | np.ndarray,
+                n_bins: int = N_BINS) -> pd.DataFrame:
+    """Reliability-diagram data: one row per bin (empty bins included, with count 0 and NaN
+    means, so a plot keeps its axis): bin, lower, upper, count, mean_confidence, accuracy."""
+    correct, conf = np.asarray(correct, dtype=bool), np.asarray(confidences, dtype=float)
+    return _reliability_frame(_bin_sums(correct, conf, n_bins))
+
+
+def _reliability_frame(bins: np.ndarray) -> pd.DataFrame:
+    n_bins = len(bins)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    count = bins[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, bins[:, 1] / np.where(count > 0, count, 1), np.nan)
+        acc = np.where(count > 0, bins[:, 2] / np.where(count > 0, count, 1), np.nan)
+    return pd.DataFrame({"bin": np.arange(n_bins), "lower": edges[:-1], "upper": edges[1:],
+                         "count": count.astype(int), "mean_confidence": mean_conf, "accuracy": acc})
+
+
+# ---------------------------------------------------------------------------- per-question sums
+
+# Columns of the per-question sums; the bins follow as (count, conf_sum, correct_sum) triples.
+_N, _N_CORRECT, _N_WRONG, _WRONG_PROXY, _N_WRONG_PARSED, _WRONG_PARSED_PROXY, _ALL_PROXY, _N_CONF = range(8)
+_N_FIXED = 8
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One model's answers to one task, reduced to per-question sums (rows follow
+    ``question_ids``). ``has_proxy``/``graded`` say whether the task has a proxy and a
+    right/wrong rule at all; without them the dependent metrics are NaN."""
+
+    task: str
+    question_ids: tuple[str, ...]
+    sums: np.ndarray
+    n_bins: int
+    has_proxy: bool
+    graded: bool
+    n_unparsed: int
+    n_error: int
+    split: str | None = None
+    generator: str | None = None
+
+    @property
+    def n_questions(self) -> int:
+        return len(self.question_ids)
+
+    def restrict(self, question_ids: Sequence[str]) -> TaskData:
+        """The same data for ``question_ids`` only, in that order (for pairing two models)."""
+        row = {q: i for i, q in enumerate(self.question_ids)}
+        missing = [q for q in question_ids if q not in row]
+        if missing:
+            raise KeyError(f"{self.task}: questions not answered: {missing[:5]}")
+        idx = [row[q] for q in question_ids]
+        return TaskData(self.task, tuple(question_ids), self.sums[idx], self.n_bins, self.has_proxy,
+                        self.graded, self.n_unparsed, self.n_error, self.split, self.generator)
+
+
+def split_by_task(records: Iterable[Mapping]) -> dict[str, list[Mapping]]:
+    """Records grouped by their ``task`` field, tasks in sorted order."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in records:
+        groups.setdefault(r["task"], []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def task_data(records: Sequence[Mapping], n_bins: int = N_BINS) -> TaskData:
+    """Reduce one task's records to per-question sums, checking the record contract.
+
+    Unparsed and error answers count as wrong with proxy 0 (in ``p_wrong`` and ``mean_proxy``)
+    and are left out of ``p_wrong_parsed``; answers without a log-prob (errors) are left out of the
+    ECE. A task has no proxy when its parsed answers all have a null proxy."""
+    if not records:
+        raise ValueError("no records: an empty task has no metrics (use task_metrics, which gives NaN)")
+    tasks = {r.get("task") for r in records}
+    if len(tasks) != 1:
+        raise ValueError(f"records of several tasks {sorted(map(str, tasks))}: use split_by_task first")
+    for k, r in enumerate(records):
+        missing = [key for key in _REQUIRED if key not in r]
+        if missing:
+            raise ValueError(f"record {k} ({r.get('task')}/{r.get('question_id')}): missing keys {missing}")
+        if r["status"] not in _STATUSES:
+            raise ValueError(f"record {k}: status must be one of {_STATUSES}, got {r['status']!r}")
+    task = next(iter(tasks))
+    parsed = [r for r in records if r["status"] == "ok"]
+    with_proxy = sum(r["proxy"] is not None for r in parsed)
+    if 0 < with_proxy < len(parsed):
+        raise ValueError(f"{task}: {len(parsed) - with_proxy} of {len(parsed)} parsed answers have no proxy")
+    # No parsed answer at all: the paper's rule (unparsed = proxy 0) still defines p_wrong.
+    has_proxy = with_proxy > 0 or not parsed
+    graded = all(r["correct"] is not None for r in records)
+
+    qids = tuple(dict.fromkeys(str(r["question_id"]) for r in records))
+    row = {q: i for i, q in enumerate(qids)}
+    sums = np.zeros((len(qids), _N_FIXED + 3 * n_bins))
+    conf_rows: list[int] = []
+    conf_correct: list[bool] = []
+    conf_values: list[float] = []
+    for r in records:
+        i = row[str(r["question_id"])]
+        ok = r["status"] == "ok"
+        proxy = float(r["proxy"]) if ok and r["proxy"] is not None else 0.0
+        if not -1e-9 <= proxy <= 1.0 + 1e-9:
+            raise ValueError(f"{task}/{r['question_id']}: proxy {proxy} outside [0, 1]")
+        correct = r["correct"] is True
+        wrong = r["correct"] is False
+        sums[i, _N] += 1
+        sums[i, _N_CORRECT] += correct
+        sums[i, _ALL_PROXY] += proxy
+        if wrong:
+            sums[i, _N_WRONG] += 1
+            sums[i, _WRONG_PROXY] += proxy
+            if ok:
+                sums[i, _N_WRONG_PARSED] += 1
+                sums[i, _WRONG_PARSED_PROXY] += proxy
+        c = confidence(r["mean_logprob"])
+        if not math.isnan(c):
+            sums[i, _N_CONF] += 1
+            conf_rows.append(i)
+            conf_correct.append(correct)
+            conf_values.append(c)
+    if conf_rows:
+        conf = np.array(conf_values)
+        cols = _N_FIXED + 3 * bin_index(conf, n_bins)
+        rows = np.array(conf_rows)
+        np.add.at(sums, (rows, cols), 1.0)
+        np.add.at(sums, (rows, cols + 1), conf)
+        np.add.at(sums, (rows, cols + 2), np.array(conf_correct, dtype=float))
+    splits = {r.get("split") for r in records}
+    generators = {r.get("generator") for r in records}
+    return TaskData(task=str(task), question_ids=qids, sums=sums, n_bins=n_bins, has_proxy=has_proxy,
+                    graded=graded, n_unparsed=sum(r["status"] == "unparsed" for r in records),
+                    n_error=sum(r["status"] == "error" for r in records),
+                    split=splits.pop() if len(splits) == 1 else None,
+                    generator=generators.pop() if len(generators) == 1 else None)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _metrics(sums: np.ndarray, data: TaskData) -> dict[str, np.ndarray]:
+    """The metrics of summed question rows ``sums`` (shape (..., columns)): one array each."""
+    nan = np.full(sums.shape[:-1], np.nan)
+    bins = sums[..., _N_FIXED:].reshape(sums.shape[:-1] + (data.n_bins, 3))
+    proxy_ok, graded = data.has_proxy and data.graded, data.graded
+    return {
+        "p_wrong": _ratio(sums[..., _WRONG_PROXY], sums[..., _N_WRONG]) if proxy_ok else nan,
+        "p_wrong_parsed": _ratio(sums[..., _WRONG_PARSED_PROXY], sums[..., _N_WRONG_PARSED]) if proxy_ok else nan,
+        "mean_proxy": _ratio(sums[..., _ALL_PROXY], sums[..., _N]) if data.has_proxy else nan,
+        "accuracy": _ratio(sums[..., _N_CORRECT], sums[..., _N]) if graded else nan,
+        "ece": _ece_from_bins(bins) if graded else nan,
+    }
+
+
+def _notes(data: TaskData) -> list[str]:
+    notes = []
+    if not data.has_proxy:
+        notes.append("no proxy for this task (null for every answer): p_wrong and mean_proxy are NaN")
+    if not data.graded:
+        notes.append("answers are not graded right/wrong (correct is null): accuracy, p_wrong and ECE are NaN")
+    total = data.sums.sum(axis=0)
+    if data.has_proxy and data.graded and total[_N_WRONG] == 0:
+        notes.append("no wrong answers: p_wrong is NaN")
+    if total[_N_CONF] < total[_N]:
+        notes.append(f"{int(total[_N] - total[_N_CONF])} answers without a log-prob left out of the ECE")
+    return notes
+
+
+# ---------------------------------------------------------------------------- point estimates
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    """The metrics of one model on one task (point estimates)."""
+
+    task: str | None
+    n_questions: int
+    n_samples: int
+    n_wrong: int
+    n_unparsed: int
+    n_error: int
+    n_confidence: int
+    p_wrong: float
+    p_wrong_parsed: float
+    mean_proxy: float
+    accuracy: float
+    ece: float
+    note: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_metrics(records: Sequence[Mapping], n_bins: int = N_BINS) -> TaskMetrics:
+    """p_wrong, p_wrong_parsed, mean_proxy, accuracy and ECE of one task's records; an empty task
+    gives NaN everywhere (with a note)."""
+    if not records:
+        nan = math.nan
+        return TaskMetrics(None, 0, 0, 0, 0, 0, 0, nan, nan, nan, nan, nan, note="no answers (empty task)")
+    return _task_metrics(task_data(records, n_bins))
+
+
+def _task_metrics(data: TaskData) -> TaskMetrics:
+    total = data.sums.sum(axis=0)
+    values = {k: float(v) for k, v in _metrics(total, data).items()}
+    return TaskMetrics(task=data.task, n_questions=data.n_questions, n_samples=int(total[_N]),
+                       n_wrong=int(total[_N_WRONG]), n_unparsed=data.n_unparsed, n_error=data.n_error,
+                       n_confidence=int(total[_N_CONF]), note="; ".join(_notes(data)), **values)
+
+
+def confidences(records: Sequence[Mapping]) -> np.ndarray:
+    """exp(mean_logprob) of each record (NaN where there is none)."""
+    return np.array([confidence(r.get("mean_logprob")) for r in records], dtype=float)
+
+
+def reliability_table(records: Sequence[Mapping], n_bins: int = N_BINS) -> pd.DataFrame:
+    """Reliability-diagram data of one task's records (answers without a log-prob left out)."""
+    if not records:
+        return _reliability_frame(np.zeros((n_bins, 3)))
+    data = task_data(records, n_bins)
+    return _reliability_frame(data.sums[:, _N_FIXED:].sum(axis=0).reshape(n_bins, 3))
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+def question_bootstrap(sums: Sequence[np.ndarray], statistic: Callable[[list[np.ndarray]], np.ndarray],
+                       n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                       confidence_level: float = CONFIDENCE_LEVEL,
+                       method: str = "percentile") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bootstrap CIs that resample QUESTIONS: (estimate, low, high), one entry per statistic.
+
+    ``sums`` are per-question matrices whose rows are the same questions (one per model);
+    ``statistic`` maps their column sums (each (B, columns)) to an array (n_statistics, B).
+
+    Why questions: the N samples of a question share its difficulty, so they are not independent;
+    resampling samples would give intervals that are too narrow. Why this form instead of
+    ``paired=True``: paired=True pairs ELEMENTS of 1-D samples of equal length, but a question
+    is a vector of sums here, and models may be compared on several sums at once. We therefore
+    bootstrap the question INDEX (which is exactly what paired=True does internally) and look up
+    every model's row with the same index, so a resampled question brings both models' samples
+    along. The statistic is exact under ``vectorized=True``: a batch of resamples becomes a
+    (B, questions) multiplicity matrix, and its sums a matrix product.
+
+    ``method`` defaults to "percentile": BCa is undefined for degenerate bootstrap distributions
+    (two identical models, a task with every answer correct), where percentile gives the honest
+    zero-width interval. A resample on which a statistic is undefined (e.g. no wrong answer) makes
+    that statistic's interval NaN rather than silently conditioning on the others.
+    """
+    mats = [np.asarray(s, dtype=float) for s in sums]
+    n_q = mats[0].shape[0]
+    if any(m.shape[0] != n_q for m in mats):
+        raise ValueError("per-question sums must have the same questions (rows)")
+    estimate = np.asarray(statistic([m.sum(axis=0, keepdims=True) for m in mats]), dtype=float)[:, 0]
+    nan = np.full_like(estimate, np.nan)
+    if n_q < 2 or n_resamples < 1:
+        return estimate, nan, nan
+
+    def vectorized(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        idx = np.moveaxis(np.asarray(idx), axis, -1)
+        lead, m = idx.shape[:-1], idx.shape[-1]
+        flat = idx.reshape(-1, m)
+        offsets = (np.arange(len(flat)) * n_q)[:, None]
+        counts = np.bincount((flat + offsets).ravel(), minlength=len(flat) * n_q)
+        mult = counts.reshape(len(flat), n_q).astype(float)     # float: BLAS matmul, not int loops
+        out = np.asarray(statistic([mult @ mat for mat in mats]), dtype=float)
+        return out.reshape(out.shape[:1] + lead)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = stats.bootstrap((np.arange(n_q),), vectorized, n_resamples=n_resamples, vectorized=True,
+                                 batch=max(1, min(n_resamples, 4_000_000 // n_q)),
+                                 confidence_level=confidence_level, method=method,
+                                 rng=np.random.default_rng(seed))
+    for w in caught:       # scipy's warning names BCa even for percentile; say what happened instead
+        log.debug("bootstrap: %s", w.message)
+    low = np.asarray(result.confidence_interval.low, dtype=float).reshape(estimate.shape)
+    high = np.asarray(result.confidence_interval.high, dtype=float).reshape(estimate.shape)
+    undefined = np.isnan(result.bootstrap_distribution).any(axis=-1).reshape(estimate.shape)
+    low, high = np.where(undefined, np.nan, low), np.where(undefined, np.nan, high)
+    return estimate, low, high
+
+
+def _with_ci(names: Sequence[str], estimate: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for name, e, lo, hi in zip(names, estimate, low, high):
+        row[name], row[f"{name}_low"], row[f"{name}_high"] = float(e), float(lo), float(hi)
+    return row
+
+
+def metric_cis(data: TaskData, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+               confidence_level: float = CONFIDENCE_LEVEL, method: str = "percentile") -> dict[str, float]:
+    """Each model metric with its (unpaired) bootstrap CI over questions: ``name``, ``name_low``,
+    ``name_high`` for every name in MODEL_METRICS."""
+    def statistic(s: list[np.ndarray]) -> np.ndarray:
+        values = _metrics(s[0], data)
+        return np.stack([values[k] for k in MODEL_METRICS])
+    return _with_ci(MODEL_METRICS, *question_bootstrap([data.sums], statistic, n_resamples, seed,
+                                                       confidence_level, method))
+
+
+def improvements(original: TaskData, aligned: TaskData, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                 confidence_level: float = CONFIDENCE_LEVEL, method: str = "percentile") -> dict[str, float]:
+    """The aligned model's improvements over the original on the questions both answered, each
+    positive when the aligned model is better, with paired bootstrap CIs (see question_bootstrap):
+
+    - delta_p_wrong = p_wrong(aligned) - p_wrong(original)   (> 0: less wrong)
+    - delta_p_wrong_parsed, delta_mean_proxy: the same for those metrics
+    - delta_accuracy = accuracy(aligned) - accuracy(original)   (> 0: more correct)
+    - neg_delta_ece = -(ece(aligned) - ece(original))   (> 0: better calibrated)
+    """
+    if original.task != aligned.task:
+        raise ValueError(f"cannot compare different tasks: {original.task} vs {aligned.task}")
+    if original.n_bins != aligned.n_bins:
+        raise ValueError("original and aligned were binned differently")
+    common = [q for q in original.question_ids if q in set(aligned.question_ids)]
+    if not common:
+        raise ValueError(f"{original.task}: the two models share no question")
+    dropped = original.n_questions + aligned.n_questions - 2 * len(common)
+    if dropped:
+        log.warning("%s: comparing on the %d shared questions (%d answered by one model only)",
+                    original.task, len(common), dropped)
+    o, a = original.restrict(common), aligned.restrict(common)
+
+    def statistic(s: list[np.ndarray]) -> np.ndarray:
+        mo, ma = _metrics(s[0], o), _metrics(s[1], a)
+        return np.stack([ma["p_wrong"] - mo["p_wrong"], ma["p_wrong_parsed"] - mo["p_wrong_parsed"],
+                         ma["mean_proxy"] - mo["mean_proxy"], ma["accuracy"] - mo["accuracy"],
+                         mo["ece"] - ma["ece"]])
+    row: dict[str, Any] = {"n_questions": len(common), "n_unshared_questions": dropped}
+    row.update(_with_ci(IMPROVEMENTS, *question_bootstrap([o.sums, a.sums], statistic, n_resamples, seed,
+                                                          confidence_level, method)))
+    for prefix, d in (("original", o), ("aligned", a)):
+        total = d.sums.sum(axis=0)
+        row[f"{prefix}_n_samples"] = int(total[_N])
+        for k, v in _metrics(total, d).items():
+            row[f"{prefix}_{k}"] = float(v)
+    return row
+
+
+# ---------------------------------------------------------------------------- metric tables
+
+def metrics_table(entries: Iterable[tuple[Mapping[str, Any], Sequence[Mapping]]], n_bins: int = N_BINS,
+                  n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                  confidence_level: float = CONFIDENCE_LEVEL, ci: bool = True) -> pd.DataFrame:
+    """One row per (entry, task): the entry's metadata (model, preference, trainer, config...),
+    task, split, counts, every MODEL_METRICS value with its plain bootstrap CI (if ``ci``), note.
+    This is ``eval/metrics.csv`` and the input of ``select_configs``."""
+    rows = []
+    for meta, records in entries:
+        for task, recs in split_by_task(records).items():
+            data = task_data(recs, n_bins)
+            point = _task_metrics(data).as_row()
+            row: dict[str, Any] = dict(meta)
+            row.update(task=task, split=data.split, generator=data.generator)
+            row.update({k: v for k, v in point.items() if k not in ("task", "note")})
+            if ci:
+                row.update(metric_cis(data, n_resamples, seed, confidence_level))
+            row["note"] = point["note"]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- selection
+
+def select_configs(metrics: pd.DataFrame, criterion: str = "mean_proxy",
+                   group_by: Sequence[str] | None = None, config_col: str = "config",
+                   split_col: str = "split", val_split: str = "val", test_split: str = "test",
+                   higher_is_better: bool = True) -> pd.DataFrame:
+    """The paper's model selection: in each group (default: those of task, source, preference,
+    trainer that are columns), the config with the best ``criterion`` on D_val; D_test numbers
+    are only reported, never looked at for choosing.
+
+    ``metrics`` is long: one row per (config, split) with metric columns (``metrics_table``).
+    Returns one row per (group, config), ALL configs kept: group keys, config, ``val_<metric>``
+    and ``test_<metric>`` for every numeric column, ``selected`` and ``val_rank`` (1 = best).
+
+    Criterion: the paper selects on the "mean proxy score" on D_val; we read it as ``mean_proxy``
+    (all answers, unparsed = 0). (The official analysis script, through a variable that is
+    overwritten, in effect ranked by the mean proxy of wrong answers: pass ``criterion="p_wrong"``
+    to reproduce that.) Ties are broken deterministically: the criterion is rounded to 12
+    decimals (so summation order cannot split a tie), then the config that sorts first by its
+    identifier (as a string) wins; the official script kept whichever directory the file system
+    listed first. A config whose criterion is NaN on D_val is never selected."""
+    if group_by is None:
+        group_by = [k for k in ("task", "source", "preference", "trainer") if k in metrics.columns]
+    group_by = list(group_by)
+    for col in (*group_by, config_col, split_col, criterion):
+        if col not in metrics.columns:
+            raise KeyError(f"select_configs: column {col!r} missing (columns: {list(metrics.columns)})")
+    keys = [*group_by, config_col]
+    dup = metrics[metrics.duplicated([*keys, split_col], keep=False)]
+    if len(dup):
+        raise ValueError(f"select_configs: several rows for the same config and split:\n{dup[[*keys, split_col]]}")
+    value_cols = [c for c in metrics.columns if c not in (*keys, split_col)
+                  and pd.api.types.is_numeric_dtype(metrics[c])]
+    parts = []
+    for split, prefix in ((val_split, "val_"), (test_split, "test_")):
+        part = metrics[metrics[split_col] == split][[*keys, *value_cols]]
+        parts.append(part.rename(columns={c: prefix + c for c in value_cols}))
+    wide = parts[0].merge(parts[1], on=keys, how="outer")
+    missing_val = wide[f"val_{criterion}"].isna()
+    if missing_val.any():
+        log.warning("select_configs: %d configs without a D_val %s are not eligible", missing_val.sum(), criterion)
+    if wide[f"test_{criterion}"].isna().any():
+        log.warning("select_configs: some configs have no D_test numbers")
+
+    score = wide[f"val_{criterion}"].round(12) * (1 if higher_is_better else -1)
+    wide = wide.assign(_score=score, _config=wide[config_col].astype(str))
+    wide = wide.sort_values([*group_by, "_score", "_config"],
+                            ascending=[True] * len(group_by) + [False, True], na_position="last",
+                            kind="mergesort")
+    if group_by:
+        wide["val_rank"] = wide.groupby(group_by, sort=False, dropna=False).cumcount() + 1
+    else:
+        wide["val_rank"] = np.arange(1, len(wide) + 1)
+    wide["selected"] = (wide["val_rank"] == 1) & wide["_score"].notna()
+    lead = [*keys, "selected", "val_rank"]
+    return wide[lead + [c for c in wide.columns if c not in lead and not c.startswith("_")]].reset_index(drop=True)
+
+
+def selected(selection: pd.DataFrame) -> pd.DataFrame:
+    """Only the chosen config of each group (rows of ``select_configs``)."""
+    return selection[selection["selected"]].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- tables 2-4
+
+@dataclass(frozen=True)
+class Comparison:
+    """An aligned model against the original, on the same evaluation records' tasks. ``meta``
+    holds the row's description: preference ("oracle", "row+score", "random"...), trainer,
+    source, train_task (default: the evaluated task), config."""
+
+    label: str
+    meta: Mapping[str, Any]
+    original: Sequence[Mapping]
+    aligned: Sequence[Mapping]
+
+
+def improvement_rows(comparisons: Iterable[Comparison | tuple[str, Mapping, Sequence[Mapping], Sequence[Mapping]]],
+                     n_bins: int = N_BINS, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                     confidence_level: float = CONFIDENCE_LEVEL) -> pd.DataFrame:
+    """The generic table builder: one row per (comparison, evaluated task) with label, task,
+    META_KEYS (+ any other metadata), every IMPROVEMENTS value with its paired CI, and both
+    models' metrics. The table wrappers below only select rows and columns."""
+    rows = []
+    for item in comparisons:
+        c = item if isinstance(item, Comparison) else Comparison(*item)
+        original = split_by_task(c.original)
+        for task, recs in split_by_task(c.aligned).items():
+            if task not in original:
+                raise ValueError(f"{c.label}: no original-model records for task {task!r}")
+            row: dict[str, Any] = {"label": c.label, "task": task}
+            row.update({k: None for k in META_KEYS})
+            row.update(c.meta)
+            if row.get("train_task") is None:
+                row["train_task"] = task
+            row.update(improvements(task_data(original[task], n_bins), task_data(recs, n_bins),
+                                    n_resamples, seed, confidence_level))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _table(rows: pd.DataFrame, mask: pd.Series, lead: Sequence[str],
+           metrics: Sequence[str] = TABLE_IMPROVEMENTS) -> pd.DataFrame:
+    cols = [*lead, "n_questions"] + [f"{m}{s}" for m in metrics for s in ("", "_low", "_high")]
+    return rows.loc[mask, cols].reset_index(drop=True)
+
+
+def table2(rows: pd.DataFrame, preferences: Sequence[str] = WOW_PREFERENCES) -> pd.DataFrame:
+    """Main results (the paper's Table 2): WoW preference types, evaluated on the training task."""
+    mask = rows["preference"].isin(preferences) & (rows["train_task"] == rows["task"])
+    return _table(rows, mask, ["task", "label", "preference", "trainer", "source"])
+
+
+def table3(rows: pd.DataFrame, preferences: Sequence[str] = ROW_PREFERENCES) -> pd.DataFrame:
+    """Right-over-wrong and its 50:50 mixes with WoW (the paper's Table 3)."""
+    mask = rows["preference"].isin(preferences) & (rows["train_task"] == rows["task"])
+    return _table(rows, mask, ["task", "label", "preference", "trainer", "source"])
+
+
+def table4(rows: pd.DataFrame) -> pd.DataFrame:
+    """Generalisation (the paper's Table 4): trained on one task, evaluated on another."""
+    mask = rows["train_task"] != rows["task"]
+    return _table(rows, mask, ["train_task", "task", "label", "preference", "trainer", "source"])
+
+
+def control_table(rows: pd.DataFrame, preferences: Sequence[str] = CONTROL_PREFERENCES) -> pd.DataFrame:
+    """Controls: preferences in a random direction, SFT on wrong answers."""
+    mask = rows["preference"].isin(preferences)
+    return _table(rows, mask, ["train_task", "task", "label", "preference", "trainer", "source"])
+
+
+# ---------------------------------------------------------------------------- formatting
+
+def format_ci(estimate: float, low: float, high: float, digits: int = 3, scale: float = 1.0) -> str:
+    """"0.074 [0.031, 0.118]"; "n/a" for a NaN estimate, the estimate alone without a CI.
+    ``scale=100`` gives percentage points."""
+    if estimate is None or not np.isfinite(estimate):
+        return "n/a"
+    text = f"{estimate * scale:.{digits}f}"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return text
+    return f"{text} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
+def format_table(table: pd.DataFrame, digits: int = 3, scale: float = 1.0) -> pd.DataFrame:
+    """Replace every (name, name_low, name_high) triple by one "estimate [low, high]" column."""
+    out = table.copy()
+    for name in [c for c in table.columns if f"{c}_low" in table.columns and f"{c}_high" in table.columns]:
+        out[name] = [format_ci(e, lo, hi, digits, scale)
+                     for e, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
+        out = out.drop(columns=[f"{name}_low", f"{name}_high"])
+    return out
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no extra dependency); cells are written with str()."""
+    def cell(v: Any) -> str:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ generation
+# ANSWERING THE TEST SPLIT (left to the lead): the function that makes the original and the
+# aligned models answer D_val / D_test with the Phase 1 protocol (wowlib.sample.answer_questions)
+# and writes eval/<model>/<task>.jsonl goes here. Everything above only reads those records.
+# ============================================================================
