@@ -1,0 +1,211 @@
+"""Phase 1: sample N answers per question, extract the final answer, grade it.
+
+The paper's protocol: a chain-of-thought prompt, N samples at temperature 1.0 (for multiple
+choice each sample sees the options in its own random order); then the same model is asked
+again, in a second user turn, for the final answer only (greedy, 32 tokens), which a regex
+parses; the answer is mapped back to the ORIGINAL option order and graded by the task's proxy.
+
+The same function answers the test split for evaluation (``wowlib.evaluate``), with an aligned
+model in place of the original.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from . import store
+from .llm.base import Completion, Decoding, Request
+from .tasks import Question, Task, get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Knobs of Phase 1 sampling (paper values in comments)."""
+
+    generator: str = "smollm2-135m"
+    tasks: tuple[str, ...] = ("kc", "nlgraph_shortest_path")
+    split: str = "train"
+    n_questions: int | None = 20          # per task; paper: all of D_train (~500)
+    n_samples: int = 10                   # paper: 10
+    temperature: float = 1.0              # paper: 1.0
+    max_new_tokens: int = 256             # paper: 1024 (the responses are "concise")
+    extract_max_new_tokens: int = 32      # paper: 32, greedy
+    seed: int = 0
+    task_options: dict[str, dict] = field(default_factory=dict)   # e.g. {"chess": {"depth": 12}}
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or (self.n_questions is not None and self.n_questions < 1):
+            raise ValueError(f"n_samples and n_questions must be >= 1, got {self.n_samples}, {self.n_questions}")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+
+    @property
+    def extraction(self) -> Decoding:
+        return Decoding(temperature=0.0, max_new_tokens=self.extract_max_new_tokens)
+
+
+def answer_requests(task: Task, questions: Sequence[Question], n_samples: int, decoding: Decoding,
+                    seed: int) -> tuple[list[Request], list[tuple[Question, int, list[int] | None]]]:
+    """The sampling calls, with (question, sample index, option order) for each."""
+    requests, meta = [], []
+    for q in questions:
+        for i in range(n_samples):
+            order = task.option_order(q, i, seed)
+            prompt = task.prompt(q, order)
+            requests.append(Request.chat([{"role": "user", "content": prompt}], decoding, i, seed))
+            meta.append((q, i, order))
+    return requests, meta
+
+
+def extraction_request(task: Task, answer: Request, response: str, decoding: Decoding) -> Request:
+    """The second user turn that asks the model for its final answer only."""
+    messages = answer.message_dicts + [{"role": "assistant", "content": response},
+                                       {"role": "user", "content": task.extraction_instruction()}]
+    return Request.chat(messages, decoding, answer.sample_idx, answer.seed)
+
+
+def answer_questions(llm, task: Task, questions: Sequence[Question], n_samples: int, decoding: Decoding,
+                     extraction: Decoding, seed: int, split: str) -> list[dict]:
+    """Sample, extract and grade: one record per (question, sample) (DESIGN.md section 4).
+    ``llm`` is a CachedLLM, so an interrupted call is resumed, never repeated."""
+    requests, meta = answer_requests(task, questions, n_samples, decoding, seed)
+    answers = llm.generate(requests, desc=f"answering {task.name}")
+    extractions: list[Completion | None] = [None] * len(answers)
+    if task.extract_prompt is not None:
+        todo = [k for k, a in enumerate(answers) if a.status == "ok"]
+        ex_requests = [extraction_request(task, requests[k], answers[k].text, extraction) for k in todo]
+        for k, completion in zip(todo, llm.generate(ex_requests, desc=f"extracting {task.name}")):
+            extractions[k] = completion
+    return [grade(task, q, i, order, requests[k], answers[k], extractions[k], split, llm.name)
+            for k, (q, i, order) in enumerate(meta)]
+
+
+def grade(task: Task, q: Question, sample_idx: int, order: list[int] | None, request: Request,
+          answer: Completion, extraction: Completion | None, split: str, generator: str) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "task": task.name, "split": split, "question_id": q.qid, "sample_idx": sample_idx,
+        "option_order": order, "prompt": request.messages[-1][1], "response": answer.text,
+        "n_tokens": answer.n_tokens, "mean_logprob": answer.mean_logprob,
+        "extraction": extraction.text if extraction is not None else None,
+        "answer": None, "proxy": None, "correct": False, "status": "ok", "generator": generator,
+    }
+    failed = [c for c in (answer, extraction) if c is not None and c.status != "ok"]
+    if failed:
+        record.update(status="error", error=failed[0].error)
+        return record
+    parsed = task.parse(extraction.text if extraction is not None else answer.text, q)
+    if parsed is None:
+        record["status"] = "unparsed"
+        return record
+    value = task.to_answer(parsed, order)
+    record["answer"] = int(value) if isinstance(value, float) and value.is_integer() else value
+    if task.has_proxy:
+        record["proxy"] = task.proxy(q, value)
+        record["correct"] = bool(task.is_correct(q, value))
+    else:
+        record["correct"] = None            # no proxy and no gold rule here (e.g. biogeneration)
+    return record
+
+
+def run_sampling(run: store.Run, config: SampleConfig, llm=None) -> list[dict]:
+    """Phase 1 for every task of ``config``: writes samples/<generator>/<task>.jsonl and a
+    manifest; returns one summary row per task."""
+    from .llm.cache import CachedLLM
+    from .llm.models import load_llm
+    llm = llm or CachedLLM(load_llm(config.generator), run.root / "cache")
+    summaries = []
+    for name in config.tasks:
+        task = get_task(name, **config.task_options.get(name, {}))
+        questions = task.questions(config.split, config.n_questions)
+        records = answer_questions(llm, task, questions, config.n_samples, config.decoding,
+                                   config.extraction, config.seed, config.split)
+        path = run.samples(config.generator, name)
+        store.write_jsonl(path, records)
+        summaries.append(summarise(records))
+        log.info("%s/%s: %s", config.generator, name, summaries[-1])
+    out_dir = run.root / "samples" / config.generator
+    store.write_manifest(out_dir, "sample", asdict(config), {"generator": llm.key},
+                         outputs=[run.samples(config.generator, t) for t in config.tasks])
+    return summaries
+
+
+def summarise(records: Sequence[dict]) -> dict[str, Any]:
+    """Accuracy, mean confidence, share unparsed and number of WoW pairs of one task's samples."""
+    from .elicit import wow_pairs
+    n = len(records)
+    ok = [r for r in records if r["status"] == "ok"]
+    conf = [math.exp(r["mean_logprob"]) for r in records if r.get("mean_logprob") is not None]
+    return {
+        "task": records[0]["task"] if records else None,
+        "generator": records[0]["generator"] if records else None,
+        "questions": len({r["question_id"] for r in records}),
+        "samples": n,
+        "accuracy": sum(bool(r["correct"]) for r in records) / n if n else math.nan,
+        "mean_confidence": sum(conf) / len(conf) if conf else math.nan,
+        "unparsed": sum(r["status"] == "unparsed" for r in records) / n if n else math.nan,
+        "errors": sum(r["status"] == "error" for r in records),
+        "wrong": sum(r["correct"] is False for r in ok),
+        "wow_pairs": len(wow_pairs(records)),
+    }
+
+
+def load_samples(run: store.Run, generator: str, task: str) -> list[dict]:
+    path = run.samples(generator, task)
+    if not path.exists():
+        raise FileNotFoundError(f"no samples for generator {generator!r}, task {task!r}: {path} "
+                                "(run notebook 01_sample_wrong first)")
+    return store.read_jsonl(path)
+
+
+# ---------------------------------------------------------------------------- for the notebook
+
+# Measured decoding throughput on 2 CPU cores (benchmarks/), used for cost estimates only.
+TOKENS_PER_SECOND = {"tiny": 2000.0, "smollm2-135m": 60.0, "gemma3-270m": 30.0}
+
+
+def plan_cost(config: SampleConfig) -> dict[str, Any]:
+    """What a sampling run will cost before it starts: calls, new tokens (upper bound), minutes."""
+    n_questions = 0
+    for name in config.tasks:
+        task = get_task(name, **config.task_options.get(name, {}))
+        n_questions += len(task.splits()[config.split][:config.n_questions])
+    calls = n_questions * config.n_samples
+    tokens = calls * (config.max_new_tokens + config.extract_max_new_tokens)
+    rate = TOKENS_PER_SECOND.get(config.generator)
+    return {"questions": n_questions, "sampling_calls": calls, "extraction_calls": calls,
+            "max_new_tokens_total": tokens,
+            "minutes_upper_bound": round(tokens / rate / 60, 1) if rate else None}
+
+
+def option_table(task: Task, q: Question) -> list[dict[str, Any]]:
+    """The options of a multiple-choice question with their proxies, best first."""
+    rows = [{"option": text, "proxy": round(p, 3), "correct": task.is_correct(q, i)}
+            for i, (text, p) in enumerate(zip(q.options, q.option_proxies))]
+    return sorted(rows, key=lambda r: -r["proxy"])
+
+
+def worked_example(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """The samples of the question with the most distinct wrong proxies (a rule, not a pick),
+    ordered from least to most wrong."""
+    by_question: dict[str, list[dict]] = {}
+    for r in records:
+        by_question.setdefault(r["question_id"], []).append(r)
+
+    def shades(rows: list[dict]) -> int:
+        return len({r["proxy"] for r in rows if r["status"] == "ok" and r["correct"] is False})
+
+    if not by_question:
+        return []
+    qid = max(sorted(by_question), key=lambda k: shades(by_question[k]))
+    rows = sorted(by_question[qid], key=lambda r: (r["status"] != "ok", -(r["proxy"] or 0.0), r["sample_idx"]))
+    return [{"sample": r["sample_idx"], "status": r["status"], "answer": r["answer"],
+             "proxy": None if r["proxy"] is None else round(r["proxy"], 3), "correct": r["correct"],
+             "response (end)": r["response"][-160:]} for r in rows]
