@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Regenerate every table and figure: set up if needed, then run notebooks 01..05 headlessly.
+#   ./run_all.sh [profile]     profile = smoke | cpu (default) | paper   (configs/<profile>.yaml)
+# Executed notebooks land in runs/<run>/notebooks/; a rerun reuses every cached call and adapter.
+set -euo pipefail
+cd "$(dirname "$0")"
+profile=${1:-cpu}
+config=configs/$profile.yaml
+[ -f "$config" ] || { echo "run_all.sh: no profile '$profile' (expected $config)" >&2; exit 2; }
+./setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
+export PYTHONHASHSEED=0
+run=${WOW_RUN:-$(sed -n 's/^run: *//p' "$config")}
+out=runs/$run/notebooks
+mkdir -p "$out"
+stages=(01_sample_wrong 02_elicit 03_align 04_evaluate 05_figures)
+total_start=$(date +%s)
+for i in "${!stages[@]}"; do
+  nb=${stages[$i]}
+  [ -f "notebooks/$nb.ipynb" ] || { echo "[$((i + 1))/${#stages[@]}] $nb: not built yet, skipped"; continue; }
+  echo "[$((i + 1))/${#stages[@]}] $nb ..."
+  start=$(date +%s)
+  if ! .venv/bin/papermill "notebooks/$nb.ipynb" "$out/$nb.ipynb" -f "$config" -p run "$run" \
+        --cwd notebooks -k python3 --log-level WARNING; then
+    echo "run_all.sh: FAILED in notebooks/$nb.ipynb (executed copy with the error: $out/$nb.ipynb)" >&2
+    exit 1
+  fi
+  echo "[$((i + 1))/${#stages[@]}] $nb done in $(( $(date +%s) - start )) s"
+done
+echo "profile $profile (run $run) finished in $(( $(date +%s) - total_start )) s; outputs in runs/$run/"
