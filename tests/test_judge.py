@@ -1,0 +1,205 @@
+"""Judges: prompt filling, verdict/score parsers on boundary text, and one run per judge function
+with the tiny model (records written, statuses set, the second call served from the cache)."""
+from __future__ import annotations
+
+import pytest
+
+from wowlib import elicit, judge, paths, store
+from wowlib.llm.base import Completion
+from wowlib.tasks import get_task
+
+# ---------------------------------------------------------------------------- prompts
+
+def test_pairwise_prompt_fills_verbatim():
+    text = judge.pairwise_prompt("What is {x}?", "uses {output_2} and {}", "B")
+    assert "What is {x}?" in text and "uses {output_2} and {}" in text
+    assert "{instruction}" not in text and "{output_1}" not in text
+    assert text.index("uses {output_2}") < text.index("## Output 2")
+    assert text.startswith(paths.prompt_text("judge_pairwise")[:40])
+
+
+def test_score_prompt_needs_five():
+    text = judge.score_prompt("Q", ["r1", "r2", "r3", "r4", "r5"])
+    assert all(f"## Response {k}:\n'''\nr{k}\n'''" in text for k in range(1, 6))
+    with pytest.raises(ValueError):
+        judge.score_prompt("Q", ["r1", "r2"])
+
+
+# ---------------------------------------------------------------------------- parsers
+
+@pytest.mark.parametrize("text, expected", [
+    ("Output 2 is closer.\nPreferred output: 2.", (2, "ok")),
+    ("Preferred output: 1", (1, "ok")),
+    ("**Preferred output: 2**", (2, "ok")),
+    ("Preferred output: **1**", (1, "ok")),
+    ("**Preferred output:** 2", (2, "ok")),
+    ("preferred output: output 1", (1, "ok")),
+    ("Preferred output: 1\nOn reflection the second is better.\nPreferred output: 2\nThanks.", (2, "ok")),
+    ("Preferred output: 2. (Output 2 gets more blanks right.)\nDone.", (2, "ok")),   # not on the last line
+    ("Preferred output: 3", (None, "invalid")),
+    ("Preferred output: 2\nPreferred output: 1 or 2.", (None, "invalid")),           # template echo last
+    ("I prefer the first output.", (None, "missing")),
+    ("", (None, "missing")),
+    (None, (None, "missing")),
+])
+def test_parse_pairwise(text, expected):
+    assert judge.parse_pairwise(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\n".join(f"Response {k}: fine.\nScore: {s}" for k, s in enumerate([0, 5, 3, 2, 1], 1)),
+     ([0, 5, 3, 2, 1], "ok")),
+    ("Score: **4**\n**Score:** 0\nscore: 5\nScore:1\nScore: 2", ([4, 0, 5, 1, 2], "ok")),
+    ("Score: 1\nScore: 2\nScore: 3\nScore: 4", (None, "missing")),
+    ("Score: <rating>\n" * 5, (None, "missing")),
+    ("Score: 1\n" * 6, (None, "extra")),
+    ("Score: 1\nScore: 2\nScore: 6\nScore: 4\nScore: 5", (None, "out_of_range")),
+    ("Score: 1\nScore: 2\nScore: -1\nScore: 4\nScore: 5", (None, "out_of_range")),
+    ("Score: 1\nScore: 2.5\nScore: 3\nScore: 4\nScore: 5", (None, "out_of_range")),
+    ("", (None, "missing")),
+])
+def test_parse_scores(text, expected):
+    assert judge.parse_scores(text) == expected
+
+
+def test_expected_score_and_cap():
+    lp = {c: (0.0 if c == " 5" else -1e9) for c in judge.SCORE_CHOICES}
+    assert judge.expected_score(lp) == pytest.approx(5.0)
+    uniform = {c: -1.0 for c in judge.SCORE_CHOICES}
+    assert judge.expected_score(uniform) == pytest.approx(2.5)
+    pairs = list(range(20))
+    capped = judge.cap_pairs(pairs, 5, seed=1)
+    assert len(capped) == 5 and capped == sorted(capped) and capped == judge.cap_pairs(pairs, 5, seed=1)
+    assert judge.cap_pairs(pairs, None) == pairs
+
+
+# ---------------------------------------------------------------------------- with the tiny model
+
+def kc_samples(n_questions: int, n_samples: int) -> list[dict]:
+    """Hand-made samples on real KC questions: answers cycle through the options (1-in-4 right)."""
+    task = get_task("kc")
+    rows = []
+    for q in task.splits()["train"][:n_questions]:
+        for k in range(n_samples):
+            option = k % 4
+            rows.append({"task": "kc", "split": "train", "question_id": q.qid, "sample_idx": k,
+                         "option_order": [0, 1, 2, 3], "prompt": task.prompt(q), "n_tokens": 5 + k,
+                         "response": f"the first blank is person {k} so the answer is {'ABCD'[option]}.",
+                         "mean_logprob": -1.0 - k / 10, "extraction": "ABCD"[option], "answer": option,
+                         "proxy": q.option_proxies[option], "correct": q.option_proxies[option] == 1.0,
+                         "status": "ok", "generator": "gen"})
+    rows[1]["status"], rows[1]["answer"], rows[1]["proxy"] = "unparsed", None, None
+    return rows
+
+
+class Broken:
+    """A backend whose every call fails."""
+
+    def __init__(self, llm):
+        self.name, self.key, self.plan = "broken", "broken", llm.plan
+
+    def run_batch(self, requests):
+        return [Completion.failed("boom") for _ in requests]
+
+
+class Counting:
+    """A backend wrapper that counts log-prob calls."""
+
+    def __init__(self, llm):
+        self.llm, self.calls = llm, 0
+        self.name, self.key = llm.name, llm.key
+
+    def choice_logprobs(self, *args, **kwargs):
+        self.calls += 1
+        return self.llm.choice_logprobs(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from wowlib.llm.models import load_llm
+    return load_llm("tiny")
+
+
+def test_judge_pairwise_with_tiny_model(tiny, tmp_path, data_dir):
+    from wowlib.llm.cache import CachedLLM
+    run = store.Run(tmp_path / "run")
+    samples = kc_samples(2, 5)
+    pairs = elicit.wow_pairs(samples)
+    assert len(pairs) > 3
+    cached = CachedLLM(tiny, run.root / "cache")
+    records = judge.judge_pairwise(cached, run, "gen", "tiny", "kc", samples, pairs, cap=3, max_new_tokens=48)
+    path = run.judgments("gen", "tiny", "kc", "pairwise")
+    assert store.read_jsonl(path) == records and len(records) == 3
+    assert cached.stats["computed"] == 6                          # 3 pairs, asked twice (swapped)
+    for r in records:
+        assert r["status"] in ("ok", "missing", "invalid") and r["swapped_status"] in ("ok", "missing", "invalid")
+        assert (r["verdict"] in (1, 2)) == (r["status"] == "ok")
+        assert (r["proxy_i"], r["proxy_j"]) != (None, None) and r["i"] < r["j"]
+    manifest = store.read_json(path.parent / "manifest.json")
+    assert manifest["params"]["kc.pairwise"]["params"]["cap"] == 3
+
+    again = CachedLLM(tiny, run.root / "cache")
+    assert judge.judge_pairwise(again, run, "gen", "tiny", "kc", samples, pairs, cap=3, max_new_tokens=48) == records
+    assert again.stats["computed"] == 0 and again.stats["cached"] == 6
+
+    # a failed call becomes status "error", never a verdict
+    broken = CachedLLM(Broken(tiny), tmp_path / "cache2")
+    failed = judge.judge_pairwise(broken, store.Run(tmp_path / "run2"), "gen", "tiny", "kc", samples, pairs,
+                                  cap=1, max_new_tokens=8)
+    assert failed[0]["status"] == "error" and failed[0]["verdict"] is None and failed[0]["error"] == "boom"
+
+    # log-prob mode: no generation; a rerun with the same parameters is served from the output file
+    counting = Counting(tiny)
+    lp = judge.judge_pairwise(counting, run, "gen", "tiny", "kc", samples, pairs, mode="logprob", cap=3)
+    assert counting.calls == 1 and all(r["status"] in ("ok", "tie") and r["text"] is None for r in lp)
+    assert all(r["verdict"] == (1 if r["logprob_1"] > r["logprob_2"] else 2) for r in lp)
+    assert judge.judge_pairwise(counting, run, "gen", "tiny", "kc", samples, pairs, mode="logprob", cap=3) == lp
+    assert counting.calls == 1
+    lp_path = run.judgments("gen", "tiny-logprob", "kc", "pairwise")
+    assert store.read_jsonl(lp_path) == lp and store.read_jsonl(path) == records    # both modes kept
+    loaded = judge.load_judgments(run, "pairwise")
+    assert len(loaded) == len(records + lp) and all(r in loaded for r in records + lp)
+    methods = {r["method"] for r in elicit.elicitation_rows(samples, pairwise=judge.load_judgments(run, "pairwise"))}
+    assert {"pairwise", "pairwise_logprob"} <= methods
+    # a consistent variant has a row exactly when some pair survived the swap check
+    assert ("pairwise_logprob_consistent" in methods) == any(elicit.is_swap_consistent(r) for r in lp)
+
+
+def test_judge_scores_with_tiny_model(tiny, tmp_path, data_dir):
+    from wowlib.llm.cache import CachedLLM
+    run = store.Run(tmp_path / "run")
+    samples = kc_samples(1, 7)                # 6 valid responses: one batch of 5, one left over
+    cached = CachedLLM(tiny, run.root / "cache")
+    records = judge.judge_scores(cached, run, "gen", "tiny", "kc", samples, max_new_tokens=64)
+    path = run.judgments("gen", "tiny", "kc", "score")
+    assert store.read_jsonl(path) == records and len(records) == 1
+    [r] = records
+    assert len(r["samples"]) == 5 and len(set(r["samples"])) == 5 and 1 not in r["samples"]   # 1: unparsed
+    assert r["status"] in ("ok", "missing", "extra", "out_of_range")
+    assert (r["scores"] is not None) == (r["status"] == "ok")
+    manifest = store.read_json(path.parent / "manifest.json")
+    assert manifest["params"]["kc.score"]["stats"]["leftover_unscored"] == 1
+    again = CachedLLM(tiny, run.root / "cache")
+    assert judge.judge_scores(again, run, "gen", "tiny", "kc", samples, max_new_tokens=64) == records
+    assert again.stats["computed"] == 0
+
+    counting = Counting(tiny)
+    lp = judge.judge_scores(counting, run, "gen", "tiny", "kc", samples, mode="logprob")
+    assert counting.calls == 5                                  # one per response position
+    assert lp[0]["status"] == "ok" and all(0 <= x <= 5 for x in lp[0]["scores"])
+    assert lp[0]["samples"] == r["samples"]                     # same seeded batches in both modes
+    assert judge.judge_scores(counting, run, "gen", "tiny", "kc", samples, mode="logprob") == lp
+    assert counting.calls == 5
+
+
+def test_manifest_keeps_other_entries(tmp_path):
+    path_a = tmp_path / "kc.pairwise.jsonl"
+    judge._save(path_a, "kc.pairwise", [{"a": 1}], {"mode": "text"}, {}, "k")
+    judge._save(tmp_path / "kc.score.jsonl", "kc.score", [{"b": 2}], {"mode": "text"}, {}, "k")
+    manifest = store.read_json(tmp_path / "manifest.json")
+    assert set(manifest["params"]) == {"kc.pairwise", "kc.score"}
+    assert set(manifest["outputs"]) == {"kc.pairwise.jsonl", "kc.score.jsonl"}
+    assert judge._is_complete(path_a, "kc.pairwise", {"mode": "text"})
+    assert not judge._is_complete(path_a, "kc.pairwise", {"mode": "logprob"})
+    path_a.write_text('{"a": 2}\n')                            # edited since: not complete
+    assert not judge._is_complete(path_a, "kc.pairwise", {"mode": "text"})

@@ -1,0 +1,377 @@
+"""LLM judges of wrong answers: pairwise ("which output is better?") and score (0-5 in fives).
+
+Prompts are the paper's (``prompts/judge_pairwise.txt``, ``prompts/judge_score.txt``); the judge
+sees ``task.judge_query(question)`` as the instruction (for multiple choice: the question without
+its options, as in the paper's code, since every sample saw the options in its own order).
+
+Two modes:
+- ``text``: the judge writes its reasoning and a verdict (greedy), which a parser reads with an
+  explicit parse status; calls go through the run's call cache (``CachedLLM``).
+- ``logprob``: no generation; the verdict is read from the next-token log-probabilities after a
+  forced prefix (``choice_logprobs``). Cheap, never unparsable; cached in the output file only.
+
+Records go to ``judgments/<generator>/<judge>/<task>.{pairwise,score}.jsonl`` with a manifest
+holding the parameters of every (task, kind) in that folder; log-prob judgments use the folder
+``<judge>-logprob`` (``judge_folder``) so that both modes of one judge can coexist.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import paths, store
+from .elicit import Pair, is_swap_consistent, wow_pairs
+from .llm.base import Completion, Decoding, Request
+from .tasks import Question, Task, get_task
+from .tasks.base import stable_seed
+
+log = logging.getLogger(__name__)
+
+PAIRWISE_PREFIX = "Preferred output:"
+PAIRWISE_CHOICES = (" 1", " 2")
+SCORE_CHOICES = tuple(f" {d}" for d in range(6))
+BATCH = 5                                   # responses per score-judge prompt (the paper's template)
+MAX_NEW_TOKENS = 256                        # judge replies are asked to stay under 100 words
+
+
+# ---------------------------------------------------------------------------- prompts
+
+def fill(template: str, values: Mapping[str, str]) -> str:
+    """Replace ``{name}`` placeholders in one pass: text that itself contains braces (code,
+    sets, a literal "{output_2}") is inserted verbatim, never re-substituted or formatted."""
+    missing = set(re.findall(r"\{(\w+)\}", template)) - set(values)
+    if missing:
+        raise KeyError(f"template placeholders without a value: {sorted(missing)}")
+    return re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), template)
+
+
+def pairwise_prompt(instruction: str, output_1: str, output_2: str) -> str:
+    return fill(paths.prompt_text("judge_pairwise"),
+                {"instruction": instruction, "output_1": output_1, "output_2": output_2})
+
+
+def score_prompt(instruction: str, responses: Sequence[str]) -> str:
+    if len(responses) != BATCH:
+        raise ValueError(f"the score prompt takes exactly {BATCH} responses, got {len(responses)}")
+    values = {"instruction": instruction, **{f"response_{k + 1}": r for k, r in enumerate(responses)}}
+    return fill(paths.prompt_text("judge_score"), values)
+
+
+def question_index(task: Task, samples: Sequence[dict]) -> dict[str, Question]:
+    """{question_id: Question} for the questions of ``task`` in ``samples``, looked up in the
+    splits the samples name (only those questions are materialised)."""
+    rows = [r for r in samples if r["task"] == task.name]
+    wanted = {str(r["question_id"]) for r in rows}
+    found: dict[str, Question] = {}
+    for split in sorted({r["split"] for r in rows}):
+        items = [q for q in task.splits()[split] if q.qid in wanted and q.qid not in found]
+        found.update({q.qid: q for q in task.materialise(items)})
+    if missing := sorted(wanted - set(found)):
+        raise KeyError(f"task {task.name}: {len(missing)} question ids of the samples are not in its splits "
+                       f"(first: {missing[:3]}); were the samples drawn with other task options?")
+    return found
+
+
+# ---------------------------------------------------------------------------- parsers
+
+_VERDICT = re.compile(r"preferred\s+output\s*\**\s*:\s*\**\s*(?:output\s*)?(\d+)(\s*(?:or|/|and)\s*\d+)?",
+                      re.IGNORECASE)
+_SCORE = re.compile(r"score\s*\**\s*:\s*\**\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_pairwise(text: str | None) -> tuple[int | None, str]:
+    """(verdict 1|2, "ok"), or (None, "missing") with no "Preferred output: n", or (None,
+    "invalid") when the last one names anything but 1 or 2 (e.g. 3, or the echo "1 or 2").
+    Markdown bold is allowed around the label and the number; the LAST occurrence wins (the
+    template asks for the verdict in the last line; reasoning may quote the label before)."""
+    matches = list(_VERDICT.finditer(text or ""))
+    if not matches:
+        return None, "missing"
+    last = matches[-1]
+    if last.group(2) or last.group(1) not in ("1", "2"):
+        return None, "invalid"
+    return int(last.group(1)), "ok"
+
+
+def parse_scores(text: str | None, n: int = BATCH) -> tuple[list[int] | None, str]:
+    """(n scores, "ok") from "Score: <0-5>" lines, in order; otherwise (None, status) with status
+    "missing" (fewer than n), "extra" (more than n) or "out_of_range" (not an integer 0..5).
+    A batch that does not parse is never guessed."""
+    found = _SCORE.findall(text or "")
+    if len(found) < n:
+        return None, "missing"
+    if len(found) > n:
+        return None, "extra"
+    values = [float(v) for v in found]
+    if any(not v.is_integer() or not 0 <= v <= 5 for v in values):
+        return None, "out_of_range"
+    return [int(v) for v in values], "ok"
+
+
+# ---------------------------------------------------------------------------- shared plumbing
+
+def _backend(llm):
+    """The backend behind ``llm`` (which may be a CachedLLM): log-prob calls go to it directly."""
+    from .llm.cache import CachedLLM
+    return llm.llm if isinstance(llm, CachedLLM) else llm
+
+
+def _cached(llm, run: store.Run):
+    """``llm`` behind the run's call cache (as given if it already is a CachedLLM)."""
+    from .llm.cache import CachedLLM
+    return llm if isinstance(llm, CachedLLM) else CachedLLM(llm, run.root / "cache")
+
+
+def _choice_logprobs(backend, judge_name: str, prompts: list[str], prefix: str,
+                     choices: Sequence[str]) -> list[dict[str, float]]:
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    try:
+        return backend.choice_logprobs(chats, prefix=prefix, choices=list(choices))
+    except ValueError as err:
+        raise ValueError(f"judge {judge_name}: log-prob mode needs each of {list(choices)} to be one token "
+                         f"after the prefix {prefix!r}; use mode='text' for this model ({err})") from err
+
+
+def _normalised(params: dict) -> dict:
+    return json.loads(json.dumps(params, sort_keys=True, default=str))
+
+
+def _manifest_entry(path) -> tuple[dict, dict]:
+    manifest = path.parent / "manifest.json"
+    if not manifest.exists():
+        return {}, {}
+    data = store.read_json(manifest)
+    return data.get("params", {}), data.get("outputs", {})
+
+
+def _is_complete(path, key: str, params: dict) -> bool:
+    """The output file exists, unchanged since it was written with exactly these parameters."""
+    if not path.exists():
+        return False
+    entries, outputs = _manifest_entry(path)
+    entry = entries.get(key, {})
+    return entry.get("params") == _normalised(params) and outputs.get(path.name) == store.file_sha256(path)
+
+
+def _save(path, key: str, records: list[dict], params: dict, stats: dict, judge_key: str) -> None:
+    """Write the records and update the folder's manifest (other tasks' entries are kept)."""
+    store.write_jsonl(path, records)
+    entries, _ = _manifest_entry(path)
+    entries[key] = {"params": _normalised(params), "stats": stats}
+    store.write_manifest(path.parent, "judge", entries, {"judge": judge_key},
+                         outputs=sorted(path.parent.glob("*.jsonl")))
+
+
+def _text_fields(completion: Completion, parse) -> tuple[Any, str, str | None]:
+    """(parsed value, status, error) of a text-mode reply; a failed call is "error", never a verdict."""
+    if completion.status != "ok":
+        return None, "error", completion.error
+    value, status = parse(completion.text)
+    return value, status, None
+
+
+def _lp_verdict(lp: dict[str, float]) -> tuple[int | None, str]:
+    one, two = lp[PAIRWISE_CHOICES[0]], lp[PAIRWISE_CHOICES[1]]
+    if one == two:
+        return None, "tie"
+    return (1 if one > two else 2), "ok"
+
+
+def judge_folder(judge_name: str, mode: str) -> str:
+    """The judge's folder name under judgments/<generator>/: one per mode."""
+    return judge_name if mode == "text" else f"{judge_name}-{mode}"
+
+
+def _samples_of(samples: Sequence[dict], task_name: str, generator: str) -> dict[tuple[str, int], dict]:
+    return {(str(r["question_id"]), int(r["sample_idx"])): r for r in samples
+            if r["task"] == task_name and r["generator"] == generator}
+
+
+# ---------------------------------------------------------------------------- pairwise judge
+
+def cap_pairs(pairs: Sequence[Pair], cap: int | None, seed: int = 0) -> list[Pair]:
+    """At most ``cap`` pairs, a seeded random subset kept in its original order (the paper
+    judged at most 10,000 pairs per setting)."""
+    pairs = list(pairs)
+    if cap is None or len(pairs) <= cap:
+        return pairs
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), cap))
+    return [pairs[k] for k in keep]
+
+
+def judge_pairwise(llm, run: store.Run, generator: str, judge_name: str, task_name: str,
+                   samples: Sequence[dict], pairs: Sequence[Pair] | None = None, mode: str = "text",
+                   swap: bool = True, cap: int | None = None, seed: int = 0,
+                   max_new_tokens: int = MAX_NEW_TOKENS,
+                   questions: Mapping[str, Question] | None = None) -> list[dict]:
+    """Ask the judge about every WoW pair of (generator, task) (``cap`` at most, seeded), with
+    sample ``i`` as output 1 and ``j`` as output 2, and again swapped when ``swap``.
+
+    ``swapped_verdict`` is in the swapped prompt's positions (1 = sample j), so a consistent judge
+    has ``swapped_verdict == 3 - verdict``. Writes ``run.judgments(generator, judge, task,
+    "pairwise")`` (judge folder per ``judge_folder``) and returns the records.
+    """
+    if mode not in ("text", "logprob"):
+        raise ValueError(f"mode must be 'text' or 'logprob', got {mode!r}")
+    by_sample = _samples_of(samples, task_name, generator)
+    if pairs is None:
+        pairs = wow_pairs(by_sample.values())
+    pairs = cap_pairs([p for p in pairs if p.task == task_name and p.generator == generator], cap, seed)
+    task = get_task(task_name)
+    questions = questions if questions is not None else question_index(task, list(by_sample.values()))
+    prompts, swapped = [], []
+    for p in pairs:
+        instruction = task.judge_query(questions[p.question_id])
+        out_i, out_j = by_sample[(p.question_id, p.i)]["response"], by_sample[(p.question_id, p.j)]["response"]
+        prompts.append(pairwise_prompt(instruction, out_i, out_j))
+        swapped.append(pairwise_prompt(instruction, out_j, out_i))
+    backend = _backend(llm)
+    path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "pairwise")
+    params = {"kind": "pairwise", "mode": mode, "swap": swap, "cap": cap, "seed": seed, "judge_key": backend.key,
+              "max_new_tokens": max_new_tokens if mode == "text" else None,
+              "prompts": store.content_hash(prompts + (swapped if swap else []))}
+    key = f"{task_name}.pairwise"
+    if mode == "logprob" and _is_complete(path, key, params):
+        log.info("%s: complete for these parameters, reusing it", path)
+        return store.read_jsonl(path)
+
+    all_prompts = prompts + (swapped if swap else [])
+    records = [{"task": task_name, "question_id": p.question_id, "generator": generator, "judge": judge_name,
+                "mode": mode, "i": p.i, "j": p.j, "proxy_i": p.proxy_i, "proxy_j": p.proxy_j}
+               for p in pairs]
+    if mode == "text":
+        decoding = Decoding(temperature=0.0, max_new_tokens=max_new_tokens)
+        requests = [Request.chat([{"role": "user", "content": t}], decoding) for t in all_prompts]
+        done = _cached(llm, run).generate(requests, desc=f"judging {task_name} pairs") if requests else []
+        for k, rec in enumerate(records):
+            verdict, status, error = _text_fields(done[k], parse_pairwise)
+            rec.update(text=done[k].text, verdict=verdict, status=status, error=error)
+            if swap:
+                c = done[len(records) + k]
+                s_verdict, s_status, s_error = _text_fields(c, parse_pairwise)
+                rec.update(swapped_text=c.text, swapped_verdict=s_verdict, swapped_status=s_status,
+                           swapped_error=s_error)
+    else:
+        lps = _choice_logprobs(backend, judge_name, all_prompts, PAIRWISE_PREFIX, PAIRWISE_CHOICES) \
+            if all_prompts else []
+        for k, rec in enumerate(records):
+            verdict, status = _lp_verdict(lps[k])
+            rec.update(text=None, verdict=verdict, status=status, logprob_1=lps[k][" 1"], logprob_2=lps[k][" 2"])
+            if swap:
+                lp = lps[len(records) + k]
+                s_verdict, s_status = _lp_verdict(lp)
+                rec.update(swapped_text=None, swapped_verdict=s_verdict, swapped_status=s_status,
+                           swapped_logprob_1=lp[" 1"], swapped_logprob_2=lp[" 2"])
+    for rec in records:
+        if not swap:
+            rec.update(swapped_text=None, swapped_verdict=None, swapped_status=None)
+    stats = {"pairs": len(records), "statuses": _count(r["status"] for r in records),
+             "swap_consistent": sum(map(is_swap_consistent, records))}
+    _save(path, key, records, params, stats, backend.key)
+    log.info("%s/%s/%s pairwise (%s): %s", generator, judge_name, task_name, mode, stats)
+    return records
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[str(v)] += 1
+    return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------- score judge
+
+def score_batches(samples: Sequence[dict], seed: int = 0, size: int = BATCH) -> tuple[list[list[dict]], int]:
+    """Per question, its valid (status "ok") samples shuffled (seeded per question) and cut into
+    batches of ``size``; the < ``size`` leftovers are not scored. Returns (batches, n_leftover)."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in samples:
+        if r["status"] == "ok":
+            groups[(r["task"], r["generator"], str(r["question_id"]))].append(r)
+    batches, leftover = [], 0
+    for (task, generator, qid), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: int(r["sample_idx"]))
+        random.Random(stable_seed("score-batches", task, generator, qid, seed)).shuffle(rows)
+        full = len(rows) // size * size
+        batches += [rows[k:k + size] for k in range(0, full, size)]
+        leftover += len(rows) - full
+    return batches, leftover
+
+
+def expected_score(lp: Mapping[str, float]) -> float:
+    """sum_d d * p(d) with p renormalised over the digits 0..5."""
+    values = [lp[c] for c in SCORE_CHOICES]
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    return sum(d * w for d, w in enumerate(weights)) / sum(weights)
+
+
+def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name: str,
+                 samples: Sequence[dict], mode: str = "text", seed: int = 0,
+                 max_new_tokens: int = 2 * MAX_NEW_TOKENS,
+                 questions: Mapping[str, Question] | None = None) -> list[dict]:
+    """Grade every valid response of (generator, task) 0-5, five per prompt (``score_batches``).
+
+    Text mode parses five "Score: n" lines (``parse_scores``). Log-prob mode asks nothing: for
+    response k it forces the assistant turn to start with "Response k:\\nScore:" after the same
+    five-response prompt and takes the expected score over the digits " 0".." 5" (a float),
+    skipping the reasoning the text mode would write first. Writes ``run.judgments(generator,
+    judge_folder(judge, mode), task, "score")`` and returns one record per batch.
+    """
+    if mode not in ("text", "logprob"):
+        raise ValueError(f"mode must be 'text' or 'logprob', got {mode!r}")
+    rows = [r for r in samples if r["task"] == task_name and r["generator"] == generator]
+    batches, leftover = score_batches(rows, seed)
+    task = get_task(task_name)
+    questions = questions if questions is not None else question_index(task, rows)
+    prompts = [score_prompt(task.judge_query(questions[str(b[0]["question_id"])]), [r["response"] for r in b])
+               for b in batches]
+    backend = _backend(llm)
+    path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "score")
+    params = {"kind": "score", "mode": mode, "seed": seed, "judge_key": backend.key,
+              "max_new_tokens": max_new_tokens if mode == "text" else None, "prompts": store.content_hash(prompts)}
+    key = f"{task_name}.score"
+    if mode == "logprob" and _is_complete(path, key, params):
+        log.info("%s: complete for these parameters, reusing it", path)
+        return store.read_jsonl(path)
+
+    records = [{"task": task_name, "question_id": str(b[0]["question_id"]), "generator": generator,
+                "judge": judge_name, "mode": mode, "samples": [int(r["sample_idx"]) for r in b],
+                "proxies": [r["proxy"] for r in b]} for b in batches]
+    if mode == "text":
+        decoding = Decoding(temperature=0.0, max_new_tokens=max_new_tokens)
+        requests = [Request.chat([{"role": "user", "content": p}], decoding) for p in prompts]
+        done = _cached(llm, run).generate(requests, desc=f"judging {task_name} scores") if requests else []
+        for rec, c in zip(records, done):
+            scores, status, error = _text_fields(c, parse_scores)
+            rec.update(text=c.text, scores=scores, status=status, error=error)
+    else:
+        per_k = [_choice_logprobs(backend, judge_name, prompts, f"Response {k}:\nScore:", SCORE_CHOICES)
+                 if prompts else [] for k in range(1, BATCH + 1)]
+        for b, rec in enumerate(records):
+            lps = [per_k[k][b] for k in range(BATCH)]
+            rec.update(text=None, scores=[expected_score(lp) for lp in lps], status="ok",
+                       score_logprobs=[[lp[c] for c in SCORE_CHOICES] for lp in lps])
+    stats = {"batches": len(records), "scored": BATCH * len(records), "leftover_unscored": leftover,
+             "statuses": _count(r["status"] for r in records)}
+    if leftover:
+        log.info("%s/%s: %d valid responses left over from batches of %d (not scored)",
+                 generator, task_name, leftover, BATCH)
+    _save(path, key, records, params, stats, backend.key)
+    log.info("%s/%s/%s score (%s): %s", generator, judge_name, task_name, mode, stats)
+    return records
+
+
+def load_judgments(run: store.Run, kind: str) -> list[dict]:
+    """Every judgment record of one kind ("pairwise" | "score") in the run, all generators,
+    judges, modes and tasks (the input of ``elicit.elicitation_rows``)."""
+    if kind not in ("pairwise", "score"):
+        raise ValueError(f"judgment kind must be 'pairwise' or 'score', got {kind!r}")
+    return [r for path in sorted((run.root / "judgments").glob(f"*/*/*.{kind}.jsonl"))
+            for r in store.read_jsonl(path)]
