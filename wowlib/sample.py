@@ -129,11 +129,10 @@ def run_sampling(run: store.Run, config: SampleConfig, llm=None) -> list[dict]:
                                    config.extraction, config.seed, config.split)
         path = run.samples(config.generator, name)
         store.write_jsonl(path, records)
+        params = {**asdict(config), "tasks": [name], "task_options": config.task_options.get(name, {})}
+        store.write_manifest(path.parent, "sample", params, {"generator": llm.key}, [path], entry=name)
         summaries.append(summarise(records))
         log.info("%s/%s: %s", config.generator, name, summaries[-1])
-    out_dir = run.root / "samples" / config.generator
-    store.write_manifest(out_dir, "sample", asdict(config), {"generator": llm.key},
-                         outputs=[run.samples(config.generator, t) for t in config.tasks])
     return summaries
 
 

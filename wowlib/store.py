@@ -7,6 +7,7 @@ corrupt line anywhere else, naming it.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import logging
 import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -146,20 +148,42 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(directory: Path, stage: str, params: dict, models: dict | None = None,
-                   outputs: Iterable[Path] = ()) -> Path:
-    """``<directory>/manifest.json``: parameters, model ids, library versions, output hashes."""
+                   outputs: Iterable[Path] = (), entry: str | None = None) -> Path:
+    """``<directory>/manifest.json``: parameters, model ids, library versions, output hashes.
+
+    With ``entry`` (e.g. a task name), the manifest keeps one record per entry, so stages that
+    write one file per task at different times never drop each other's records."""
     directory.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "stage": stage,
+    path = directory / "manifest.json"
+    record = {
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "params": params,
         "models": models or {},
-        "libraries": library_versions(),
         "outputs": {str(p.relative_to(directory)): file_sha256(p) for p in sorted(outputs) if p.exists()},
     }
-    path = directory / "manifest.json"
+    if entry is None:
+        manifest = {"stage": stage, "libraries": library_versions(), **record}
+    else:
+        manifest = read_json(path) if path.exists() else {}
+        if manifest.get("stage") != stage or "entries" not in manifest:
+            manifest = {"stage": stage, "entries": {}}
+        manifest["libraries"] = library_versions()
+        manifest["entries"][entry] = record
     write_json(path, manifest)
     return path
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (``flock``) around work that two processes must not do at once, such as
+    building the same model into the cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------- layout

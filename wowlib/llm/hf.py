@@ -144,7 +144,7 @@ class HFModel:
         from transformers import DynamicCache
         cache = DynamicCache()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         cache=cache, use_cache=True, logits_to_keep=1)
         if len(unique) != len(prompts):
             cache.batch_select_indices(row_of_unique)
         logits = out.logits[row_of_unique, -1, :].float()
@@ -178,7 +178,7 @@ class HFModel:
                 active = [active[r] for r in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
             out = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
+                             cache=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         return [self._completion(tokens[i], logps[i], finish[i]) for i in range(n)]

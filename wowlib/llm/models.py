@@ -76,6 +76,13 @@ def converted_checkpoint(name: str, gguf: Path, chat_template: str | None) -> Pa
     target = paths.cache_dir() / "models" / f"{name}-{store.file_sha256(gguf)[:16]}"
     if (target / "config.json").exists():
         return target
+    with store.file_lock(target.with_name(target.name + ".lock")):
+        if not (target / "config.json").exists():        # converted while we waited
+            _convert(name, gguf, chat_template, target)
+    return target
+
+
+def _convert(name: str, gguf: Path, chat_template: str | None, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     log.info("converting %s to a plain transformers checkpoint (once; a few minutes) -> %s", gguf.name, target)
@@ -98,11 +105,7 @@ def converted_checkpoint(name: str, gguf: Path, chat_template: str | None) -> Pa
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:                                   # converted concurrently: keep the other copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    os.replace(tmp, target)
 
 
 def _tiny_dir() -> Path:

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from .. import paths
-from ..store import content_hash
+from ..store import content_hash, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def tiny_model_dir() -> Path:
     """The built tiny model (building it on first use)."""
     target = paths.cache_dir() / "models" / f"tiny-{content_hash(SPEC)}"
     if not (target / "config.json").exists():
-        _build(target)
+        with file_lock(target.with_name(target.name + ".lock")):
+            if not (target / "config.json").exists():      # built while we waited
+                _build(target)
     return target
 
 
@@ -75,10 +77,7 @@ def _build(target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     (tmp / "wowlib_spec.json").write_text(json.dumps(SPEC, indent=1))
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:                      # built concurrently by another process: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def _train_tokenizer(chats: list[list[dict]]):

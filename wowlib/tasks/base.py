@@ -168,6 +168,7 @@ class Task:
     split_seed: ClassVar[int] = 42
     domain: ClassVar[str] = ""          # tasks of one domain form generalisation pairs
     options_header: ClassVar[str] = "\nOptions:\n"
+    graded: ClassVar[bool] = True       # False: wrong answers all share proxy 0 (no proxy-ordered pairs)
 
     def __init__(self, data_dir: Path | str | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else paths.data_dir()

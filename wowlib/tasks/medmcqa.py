@@ -19,6 +19,7 @@ class MedMCQA(MultipleChoiceTask):
     description = "MedMCQA (4 options); binary proxy"
     source = SOURCE
     domain = "medical"
+    graded = False
 
     def _load(self) -> list[Question]:
         path = self.path("medmcqa/dev.json")

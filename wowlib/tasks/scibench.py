@@ -28,6 +28,7 @@ class SciBench(Task):
     source = SOURCE
     extract_prompt = "extract_science"
     domain = "science"
+    graded = False
 
     def _load(self) -> list[Question]:
         items = []

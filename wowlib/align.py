@@ -1,0 +1,457 @@
+"""Phase 2 alignment: LoRA adapters trained with trl on preference datasets.
+
+| trainer | trl class | loss |
+|---|---|---|
+| ``dpo`` | ``DPOTrainer`` | ``["sigmoid"]`` |
+| ``ipo`` | ``DPOTrainer`` | ``["ipo"]`` |
+| ``rso`` | ``DPOTrainer`` | ``["hinge"]`` |
+| ``sppo`` | ``DPOTrainer`` | ``["sppo_hard"]`` |
+| ``cpo`` | ``experimental.cpo.CPOTrainer`` | ``"sigmoid"`` + behaviour cloning (``cpo_alpha``) |
+| ``simpo`` | ``experimental.cpo.CPOTrainer`` | ``"simpo"``, ``cpo_alpha=0`` |
+| ``orpo`` | ``experimental.orpo.ORPOTrainer`` | odds ratio + NLL |
+| ``sft`` | ``SFTTrainer`` | NLL of ``chosen`` (the SFT-on-wrong control) |
+
+Every adapter is LoRA on the attention and MLP projections (paper: r=16, alpha=16). The DPO
+family's reference is the base model with the adapter disabled (``ref_model=None`` with a
+``peft_config``), and its log-probs are computed once before training. CPO, SimPO and ORPO are
+reference-free.
+
+Data format (checked for every trainer in trl 1.16): records are passed to trl *conversational*,
+``prompt=[{"role": "user", ...}]``, ``chosen``/``rejected`` (or SFT's ``completion``) =
+``[{"role": "assistant", ...}]``, so trl renders them with the model's own chat template, the
+same one the inference backend (``wowlib.llm.hf``) uses; a tokenizer without a chat template is an
+error rather than a silently invented format.
+
+``build_trainer`` is the only function that touches trl's API; ``train`` wraps it with the
+content-hash skip, the atomic write of the adapter and ``train_log.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+TRAINERS = ("dpo", "ipo", "rso", "sppo", "cpo", "simpo", "orpo", "sft")
+DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "rso": "hinge", "sppo": "sppo_hard"}
+REFERENCE_FREE = ("cpo", "simpo", "orpo", "sft")
+# transformers.SchedulerType values (tests check this list against the installed transformers)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LOG_FILE = "train_log.json"
+
+
+# ---------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """One alignment run's hyper-parameters (defaults: the paper's)."""
+
+    trainer: str = "dpo"
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    num_train_epochs: float = 3
+    warmup_ratio: float = 0.1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1                     # > 0 overrides the epochs (smoke runs)
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = PROJECTIONS
+    max_length: int | None = 1024           # prompt + completion tokens; None: no truncation
+    seed: int = 42
+    precompute_ref_log_probs: bool = True   # DPO family only (the others have no reference)
+    precompute_ref_batch_size: int | None = None   # None: the training batch size
+    cpo_alpha: float = 1.0                  # cpo: weight of the behaviour-cloning NLL term
+    simpo_gamma: float = 0.5                # simpo: target reward margin
+    logging_steps: int = 10
+    device: str = "auto"                    # "auto" (cuda if available) | "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for problem in _problems(self):
+            raise ValueError(f"AlignConfig.{problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @property
+    def key(self) -> str:
+        """A short hash of the hyper-parameters."""
+        return store.content_hash(self.to_dict())
+
+    @property
+    def tag(self) -> str:
+        """A readable directory name: ``dpo-lr5e-05-linear-wd0-ep3-<hash>``."""
+        return (f"{self.trainer}-lr{self.learning_rate:g}-{self.lr_scheduler_type}-wd{self.weight_decay:g}"
+                f"-ep{self.num_train_epochs:g}-{self.key[:8]}")
+
+
+def _problems(c: AlignConfig) -> Iterable[str]:
+    """Each invalid field as ``"<field>: <why>"`` (the first one is raised)."""
+    if c.trainer not in TRAINERS:
+        yield f"trainer: must be one of {TRAINERS}, got {c.trainer!r}"
+    for name in ("beta", "learning_rate", "num_train_epochs", "lora_alpha"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            yield f"{name}: must be a number > 0, got {value!r}"
+    if c.lr_scheduler_type not in SCHEDULERS:
+        yield f"lr_scheduler_type: must be one of {SCHEDULERS}, got {c.lr_scheduler_type!r}"
+    if not isinstance(c.weight_decay, (int, float)) or c.weight_decay < 0:
+        yield f"weight_decay: must be >= 0, got {c.weight_decay!r}"
+    if not isinstance(c.warmup_ratio, (int, float)) or not 0 <= c.warmup_ratio < 1:
+        yield f"warmup_ratio: must be in [0, 1), got {c.warmup_ratio!r}"
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            yield f"{name}: must be an integer >= 1, got {value!r}"
+    if not isinstance(c.max_steps, int) or c.max_steps == 0 or c.max_steps < -1:
+        yield f"max_steps: must be -1 (use the epochs) or an integer >= 1, got {c.max_steps!r}"
+    if not isinstance(c.lora_dropout, (int, float)) or not 0 <= c.lora_dropout < 1:
+        yield f"lora_dropout: must be in [0, 1), got {c.lora_dropout!r}"
+    if not c.target_modules or not all(isinstance(m, str) and m for m in c.target_modules):
+        yield f"target_modules: must be a non-empty tuple of module names, got {c.target_modules!r}"
+    if c.max_length is not None and (not isinstance(c.max_length, int) or c.max_length < 16):
+        yield f"max_length: must be None or an integer >= 16, got {c.max_length!r}"
+    if not isinstance(c.seed, int) or isinstance(c.seed, bool):
+        yield f"seed: must be an integer, got {c.seed!r}"
+    if c.precompute_ref_batch_size is not None and (not isinstance(c.precompute_ref_batch_size, int)
+                                                    or c.precompute_ref_batch_size < 1):
+        yield f"precompute_ref_batch_size: must be None or an integer >= 1, got {c.precompute_ref_batch_size!r}"
+    if not isinstance(c.cpo_alpha, (int, float)) or c.cpo_alpha < 0:
+        yield f"cpo_alpha: must be >= 0, got {c.cpo_alpha!r}"
+    if not isinstance(c.simpo_gamma, (int, float)) or c.simpo_gamma < 0:
+        yield f"simpo_gamma: must be >= 0, got {c.simpo_gamma!r}"
+    if c.device not in ("auto", "cpu", "cuda"):
+        yield f"device: must be 'auto', 'cpu' or 'cuda', got {c.device!r}"
+
+
+def grid(base: AlignConfig, **axes: Sequence[Any]) -> list[AlignConfig]:
+    """The cartesian product of ``axes`` (field -> values) over ``base``, in axis order.
+
+    >>> len(grid(AlignConfig(), learning_rate=[5e-5, 1e-4], lr_scheduler_type=["linear", "cosine"]))
+    4
+    """
+    names = {f.name for f in dataclasses.fields(AlignConfig)}
+    for axis, values in axes.items():
+        if axis not in names:
+            raise ValueError(f"grid: unknown AlignConfig field {axis!r}; fields: {sorted(names)}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ValueError(f"grid: axis {axis!r} needs a list of values, got {values!r}")
+    keys = list(axes)
+    combos = itertools.product(*(list(axes[k]) for k in keys))
+    configs = [dataclasses.replace(base, **dict(zip(keys, combo))) for combo in combos]
+    return list(dict.fromkeys(configs))       # drop repeated values, keep the order
+
+
+# ---------------------------------------------------------------------------- data
+
+def pair_records(prefs: "Iterable[dict] | Any") -> list[dict]:
+    """The training columns of preference records (provenance columns dropped), checked."""
+    records = prefs.to_list() if hasattr(prefs, "to_list") else list(prefs)
+    if not records:
+        raise ValueError("no preference pairs to train on")
+    out = []
+    for i, record in enumerate(records):
+        missing = [c for c in PAIR_COLUMNS if c not in record]
+        if missing:
+            raise ValueError(f"preference record {i} lacks {missing} (has {sorted(record)})")
+        out.append({c: record[c] for c in PAIR_COLUMNS})
+    return out
+
+
+def data_hash(prefs: "Iterable[dict] | Any") -> str:
+    """Hash of the training columns, in order (order matters: it fixes the shuffled batches)."""
+    return store.content_hash(pair_records(prefs))
+
+
+def _user(prompt: str | list[dict]) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def _assistant(text: str | list[dict]) -> list[dict]:
+    return text if isinstance(text, list) else [{"role": "assistant", "content": text}]
+
+
+def to_dataset(prefs: "Iterable[dict] | Any", trainer: str):
+    """A ``datasets.Dataset`` in trl's conversational form for ``trainer`` (SFT: prompt/completion)."""
+    from datasets import Dataset
+    rows = []
+    for r in pair_records(prefs):
+        if trainer == "sft":
+            rows.append({"prompt": _user(r["prompt"]), "completion": _assistant(r["chosen"])})
+        else:
+            rows.append({"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]),
+                         "rejected": _assistant(r["rejected"])})
+    return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------------------- trl
+
+def resolve_device(config: AlignConfig) -> str:
+    import torch
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("AlignConfig.device: 'cuda' requested but no CUDA device is available")
+    return config.device
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The model's tokenizer with a pad token (eos if it has none) and a chat template (required)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template; training renders the pairs with it "
+                         "(as inference does), so give the checkpoint one (see wowlib.llm.models)")
+    return tokenizer
+
+
+def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: "Iterable[dict] | Any",
+                  eval_dataset: "Iterable[dict] | Any | None" = None, output_dir: str | Path | None = None):
+    """A ready trl trainer for ``config`` (the only place trl's API is touched).
+
+    ``train_dataset``/``eval_dataset``: preference records (list of dicts or a Dataset with at
+    least prompt/chosen/rejected); they are converted to the trainer's conversational form.
+    ``output_dir`` only receives trl's scratch files: nothing is saved during training.
+    """
+    import tempfile
+
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, set_seed
+
+    device = resolve_device(config)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    if output_dir is None:
+        output_dir = tempfile.mkdtemp(prefix="wowlib-align-")
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16 if bf16 else torch.float32)
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError(f"{model_dir}: a quantised checkpoint cannot be trained here; convert it to a plain one "
+                         "(wowlib.llm.models.converted_checkpoint)")
+    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    train_ds = to_dataset(train_dataset, config.trainer)
+    eval_ds = to_dataset(eval_dataset, config.trainer) if eval_dataset is not None else None
+    common = dict(
+        output_dir=str(output_dir), seed=config.seed, data_seed=config.seed,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,        # transformers 5: a float in [0, 1) is a ratio
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length, logging_steps=config.logging_steps, logging_first_step=True,
+        eval_strategy="epoch" if eval_ds is not None else "no",
+        save_strategy="no", report_to="none", dataloader_num_workers=0,
+        bf16=bf16, fp16=False, use_cpu=device == "cpu",
+        activation_checkpointing=False,          # trl defaults it on; small models do not need it
+    )
+    kwargs = dict(model=model, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                  peft_config=peft_config)
+    if config.trainer in DPO_LOSSES:
+        from trl import DPOConfig, DPOTrainer
+        args = DPOConfig(**common, beta=config.beta, loss_type=[DPO_LOSSES[config.trainer]],
+                         precompute_ref_log_probs=config.precompute_ref_log_probs,
+                         precompute_ref_batch_size=config.precompute_ref_batch_size)
+        return _quiet_progress(DPOTrainer(ref_model=None, args=args, **kwargs))
+    if config.trainer in ("cpo", "simpo"):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        loss = {"cpo": dict(loss_type="sigmoid", cpo_alpha=config.cpo_alpha),
+                "simpo": dict(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=config.simpo_gamma)}[config.trainer]
+        args = CPOConfig(**common, beta=config.beta, **loss)
+        return _quiet_progress(CPOTrainer(args=args, **kwargs))
+    if config.trainer == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        return _quiet_progress(ORPOTrainer(args=ORPOConfig(**common, beta=config.beta), **kwargs))
+    from trl import SFTConfig, SFTTrainer
+    return _quiet_progress(SFTTrainer(args=SFTConfig(**common), **kwargs))
+
+
+def _quiet_progress(trainer):
+    """Keep trl's progress bar but send its per-step metric dicts to the log, not the terminal
+    (thousands of steps would bury the output); notebook progress widgets are left alone."""
+    from transformers import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            log.debug("step %d: %s", state.global_step, logs)
+
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
+    return trainer
+
+
+# ---------------------------------------------------------------------------- training
+
+def model_identity(model_dir: str | Path) -> dict[str, Any]:
+    """What identifies a base checkpoint cheaply: its directory name, the hash of its small files
+    (config, tokenizer) and, per weight file, its size and the hash of its first and last MiB."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return {"hub_id": str(model_dir)}
+    files = {}
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        if f.stat().st_size <= 1 << 24:
+            files[f.name] = store.file_sha256(f)[:16]
+        else:
+            digest = hashlib.sha256()
+            with open(f, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read(1 << 20))
+            files[f.name] = f"{f.stat().st_size}:{digest.hexdigest()[:16]}"
+    return {"name": path.name, "files": files}
+
+
+def run_key(config: AlignConfig, model_dir: str | Path, prefs: Any) -> str:
+    """The content key of a training run: config + data + base model."""
+    return store.content_hash({"config": config.to_dict(), "data": data_hash(prefs),
+                               "base_model": model_identity(model_dir)})
+
+
+def is_trained(out_dir: Path, key: str) -> bool:
+    """A complete adapter and a log with the same key."""
+    log_path = out_dir / LOG_FILE
+    if not all((out_dir / f).exists() for f in ADAPTER_FILES) or not log_path.exists():
+        return False
+    try:
+        return store.read_json(log_path).get("key") == key
+    except (ValueError, OSError):
+        return False
+
+
+def train(config: AlignConfig, model_dir: str | Path, prefs: "list[dict] | Any", out_dir: Path,
+          eval_prefs: "list[dict] | Any | None" = None) -> Path:
+    """Train a LoRA adapter and save it (adapter files + ``train_log.json``) into ``out_dir``.
+
+    Skips training when ``out_dir`` already holds a complete run with the same key (config, data,
+    base model). Writes into a temporary sibling directory renamed at the end, so an interrupted
+    run never leaves a half adapter that looks complete.
+    """
+    out_dir = Path(out_dir)
+    key = run_key(config, model_dir, prefs)
+    if is_trained(out_dir, key):
+        log.info("%s: already trained (key %s), skipping", out_dir, key)
+        return out_dir
+    if out_dir.exists():
+        log.warning("%s: replacing an incomplete or different run", out_dir)
+    n_pairs = len(pair_records(prefs))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        log.info("training %s on %d pairs from %s -> %s", config.tag, n_pairs, model_dir, out_dir)
+        start = time.perf_counter()
+        trainer = build_trainer(config, model_dir, prefs, eval_prefs, output_dir=tmp / "_trainer")
+        train_start = time.perf_counter()
+        result = trainer.train()
+        train_seconds = time.perf_counter() - train_start
+        trainer.model.save_pretrained(str(tmp))          # a PeftModel: only the adapter
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        missing = [f for f in ADAPTER_FILES if not (tmp / f).exists()]
+        if missing:
+            raise RuntimeError(f"the trainer saved no PEFT adapter ({missing} missing in {tmp})")
+        state = trainer.state
+        pairs_seen = state.global_step * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        store.write_json(tmp / LOG_FILE, {
+            "key": key, "config": config.to_dict(), "base_model": str(model_dir),
+            "base_model_identity": model_identity(model_dir), "data_hash": data_hash(prefs), "n_pairs": n_pairs,
+            "n_eval_pairs": len(pair_records(eval_prefs)) if eval_prefs is not None else 0,
+            "device": resolve_device(config), "torch_threads": _torch_threads(),
+            "global_steps": state.global_step, "pairs_seen": pairs_seen,
+            "train_seconds": round(train_seconds, 3), "wall_seconds": round(time.perf_counter() - start, 3),
+            "seconds_per_pair": round(train_seconds / max(pairs_seen, 1), 4),
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
+            "train_loss": result.training_loss, "history": _jsonable(state.log_history),
+            "libraries": store.library_versions(),
+        })
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: trained in %.1f s (%.3f s per pair)", out_dir, train_seconds, train_seconds / max(pairs_seen, 1))
+    return out_dir
+
+
+def read_log(out_dir: Path) -> dict:
+    return store.read_json(Path(out_dir) / LOG_FILE)
+
+
+def history(train_log: dict, metric: str) -> list[float]:
+    """One logged metric over the training steps (e.g. ``"rewards/margins"``)."""
+    return [entry[metric] for entry in train_log["history"] if metric in entry]
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _peak_gpu_mb() -> float | None:
+    import torch
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
+def _jsonable(entries: list[dict]) -> list[dict]:
+    return json.loads(json.dumps(entries, default=float))
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def pair_logprobs(model, tokenizer, prefs: "Iterable[dict] | Any") -> list[tuple[float, float]]:
+    """Teacher-forced summed log-probs ``(chosen, rejected)`` of each pair, rendered with the chat
+    template exactly as training sees it (prompt with the generation prompt, then the answer turn)."""
+    import torch
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for r in pair_records(prefs):
+            prompt = _user(r["prompt"])
+            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]
+            scores = []
+            for answer in (r["chosen"], r["rejected"]):
+                ids = tokenizer.apply_chat_template(prompt + _assistant(answer), tokenize=True,
+                                                    return_dict=True)["input_ids"]
+                tensor = torch.tensor([ids], device=device)
+                logps = torch.log_softmax(model(input_ids=tensor).logits[0, :-1].float(), dim=-1)
+                target = tensor[0, 1:]
+                token_logps = logps.gather(-1, target[:, None])[:, 0]
+                scores.append(token_logps[len(prompt_ids) - 1:].sum().item())
+            out.append((scores[0], scores[1]))
+    return out

@@ -1,0 +1,281 @@
+"""Phase 2 data: preference datasets in trl's standard form (``prompt``, ``chosen``, ``rejected``)
+plus provenance columns (task, question_id, source, method, chosen/rejected proxy and sample).
+
+| name | chosen over rejected | from |
+|---|---|---|
+| ``oracle`` | the higher proxy (the silver label) | WoW pairs |
+| ``direct`` | the pairwise judge's verdict (optionally swap-consistent only) | WoW pairs + pairwise judgments |
+| ``score`` | the higher judge score, top-p share by score gap | wrong pairs + score judgments |
+| ``row`` | a correct answer over a wrong one (right-over-wrong) | pairs with exactly one correct |
+| ``row+oracle``, ``row+direct``, ``row+score`` | 50:50 mixes | |
+| ``random`` (control) | the oracle pairs, direction flipped at random | WoW pairs |
+| ``sft_wrong`` (control) | supervised fine-tuning on the oracle pairs' chosen (wrong) answers | WoW pairs |
+
+Sources: ``self`` (the aligned model's own answers) or ``mix`` (every generator of the run). Pairs come
+from D_train only (a record of another split is an error); at most 4,000 pairs are kept (the paper's
+cap, a seeded sample); pairs whose two texts are identical or empty are removed and counted.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from . import paths, store
+from .elicit import wow_pairs
+from .tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+
+WOW_TYPES = ("oracle", "direct", "score")
+MIXES = ("row+oracle", "row+direct", "row+score")
+CONTROLS = ("random", "sft_wrong")
+TYPES = WOW_TYPES + ("row",) + MIXES + CONTROLS
+CAP = 4000
+
+
+@dataclass(frozen=True)
+class PrefSpec:
+    """One preference dataset: its type, source, judge and task(s)."""
+
+    type: str
+    source: str = "self"                   # "self" | "mix"
+    tasks: tuple[str, ...] = ("kc",)
+    judge: str | None = None               # direct / score types
+    filtered: bool = True                  # direct: keep swap-consistent verdicts only
+    top_p: float = 0.5                     # score: share of pairs kept, largest score gap first
+    cap: int = CAP
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(f"preference type must be one of {TYPES}, got {self.type!r}")
+        if self.source not in ("self", "mix"):
+            raise ValueError(f"source must be 'self' or 'mix', got {self.source!r}")
+        if self.base in ("direct", "score") and not self.judge:
+            raise ValueError(f"preference type {self.type!r} needs a judge")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def base(self) -> str:
+        """The WoW method behind a mix ("row+score" -> "score")."""
+        return self.type.split("+")[-1]
+
+    @property
+    def name(self) -> str:
+        parts = [self.source, self.type.replace("+", "_")]
+        if self.base == "direct":
+            parts.append(f"{self.judge}{'-filtered' if self.filtered else ''}")
+        if self.base == "score":
+            parts.append(f"{self.judge}-top{self.top_p:g}")
+        return "-".join(parts + ["_".join(self.tasks)])
+
+
+@dataclass
+class PrefStats:
+    candidates: int = 0
+    degenerate: int = 0
+    capped: int = 0
+    kept: int = 0
+    by_task: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- pair builders
+
+def preference_prompt(task: Task, qid: str, questions: dict) -> str:
+    """The prompt the pair is trained under. For multiple choice the two answers saw different
+    option orders, so (as in the paper's code) the options are left out; otherwise it is the
+    sampling prompt itself."""
+    return paths.prompt_text("cot") + questions[qid].query
+
+
+def _pair(task: Task, questions: dict, a: dict, b: dict, method: str) -> dict[str, Any]:
+    """``a`` chosen over ``b``."""
+    return {"prompt": preference_prompt(task, a["question_id"], questions),
+            "chosen": a["response"], "rejected": b["response"], "task": task.name,
+            "question_id": a["question_id"], "source": a["generator"], "method": method,
+            "chosen_proxy": a["proxy"], "rejected_proxy": b["proxy"],
+            "chosen_sample": a["sample_idx"], "rejected_sample": b["sample_idx"]}
+
+
+def _index(samples: Sequence[dict]) -> dict[tuple[str, str, int], dict]:
+    return {(r["generator"], r["question_id"], r["sample_idx"]): r for r in samples}
+
+
+def oracle_pairs(task: Task, questions: dict, samples: Sequence[dict]) -> list[dict]:
+    by_key = _index(samples)
+    out = []
+    for p in wow_pairs(samples):
+        a, b = by_key[(p.generator, p.question_id, p.i)], by_key[(p.generator, p.question_id, p.j)]
+        out.append(_pair(task, questions, a, b, "oracle") if p.proxy_i > p.proxy_j
+                   else _pair(task, questions, b, a, "oracle"))
+    return out
+
+
+def random_pairs(task: Task, questions: dict, samples: Sequence[dict], seed: int) -> list[dict]:
+    """The oracle pairs with each direction flipped by a fair coin: same texts, no signal."""
+    rng = random.Random(seed)
+    out = []
+    for pair in oracle_pairs(task, questions, samples):
+        if rng.random() < 0.5:
+            pair = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"],
+                    "chosen_proxy": pair["rejected_proxy"], "rejected_proxy": pair["chosen_proxy"],
+                    "chosen_sample": pair["rejected_sample"], "rejected_sample": pair["chosen_sample"]}
+        out.append({**pair, "method": "random"})
+    return out
+
+
+def direct_pairs(task: Task, questions: dict, samples: Sequence[dict], judgments: Sequence[dict],
+                 filtered: bool) -> list[dict]:
+    """Pairs ordered by the pairwise judge; with ``filtered``, only verdicts that follow the
+    answers when the two outputs are swapped."""
+    by_key = _index(samples)
+    out = []
+    for j in judgments:
+        if j.get("status") != "ok" or j.get("verdict") not in (1, 2):
+            continue
+        if filtered and not (j.get("swapped_status") == "ok" and j.get("swapped_verdict") in (1, 2)
+                             and j["swapped_verdict"] != j["verdict"]):
+            continue
+        a = by_key[(j["generator"], j["question_id"], j["i"])]
+        b = by_key[(j["generator"], j["question_id"], j["j"])]
+        out.append(_pair(task, questions, a, b, "direct") if j["verdict"] == 1
+                   else _pair(task, questions, b, a, "direct"))
+    return out
+
+
+def score_pairs(task: Task, questions: dict, samples: Sequence[dict], judgments: Sequence[dict],
+                top_p: float) -> list[dict]:
+    """Pairs of wrong answers ordered by judge score, keeping the ``top_p`` share with the largest
+    score gap (the paper's margin). Equal scores carry no preference and are left out. For graded
+    tasks, pairs with equal proxies are left out as in the paper; binary tasks (MedMCQA, SciBench)
+    have no graded proxy, so every pair of differently scored wrong answers counts."""
+    by_key = _index(samples)
+    scores: dict[tuple[str, str, int], float] = {}
+    for j in judgments:
+        if j.get("status") == "ok" and j.get("scores") is not None:
+            for idx, s in zip(j["samples"], j["scores"]):
+                scores[(j["generator"], j["question_id"], idx)] = float(s)
+    wrong: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+    for key in sorted(scores):
+        r = by_key[key]
+        if r["status"] == "ok" and r["correct"] is False:
+            wrong.setdefault(key[:2], []).append(key)
+    candidates = []
+    for keys in wrong.values():
+        for x in range(len(keys)):
+            for y in range(x + 1, len(keys)):
+                a, b = by_key[keys[x]], by_key[keys[y]]
+                gap = scores[keys[x]] - scores[keys[y]]
+                if gap == 0 or (task.graded and a["proxy"] == b["proxy"]):
+                    continue
+                pair = _pair(task, questions, a, b, "score") if gap > 0 else _pair(task, questions, b, a, "score")
+                candidates.append((abs(gap), len(candidates), pair))
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    return [pair for _, _, pair in candidates[:round(len(candidates) * top_p)]]
+
+
+def row_pairs(task: Task, questions: dict, samples: Sequence[dict]) -> list[dict]:
+    """Right-over-wrong: every (correct, wrong) pair of answers to the same question; a wrong
+    answer may be unparsed (it is still wrong), an errored call is not an answer."""
+    by_question: dict[tuple[str, str], list[dict]] = {}
+    for r in samples:
+        if r["status"] != "error" and r["correct"] is not None:
+            by_question.setdefault((r["generator"], r["question_id"]), []).append(r)
+    out = []
+    for rows in by_question.values():
+        for a in (r for r in rows if r["correct"]):
+            out += [_pair(task, questions, a, b, "row") for b in rows if not b["correct"]]
+    return out
+
+
+# ---------------------------------------------------------------------------- datasets
+
+def build(spec: PrefSpec, samples: dict[tuple[str, str], list[dict]],
+          judgments: dict[tuple[str, str, str, str], list[dict]] | None = None) -> tuple[list[dict], PrefStats]:
+    """The preference dataset of ``spec``. ``samples[(generator, task)]`` are Phase 1 records
+    (D_train only); ``judgments[(generator, judge, task, kind)]`` the judge records."""
+    judgments = judgments or {}
+    rng = random.Random(spec.seed)
+    stats = PrefStats()
+    per_type: dict[str, list[dict]] = {}
+    for (generator, task_name), records in sorted(samples.items()):
+        if task_name not in spec.tasks:
+            continue
+        _check_train_only(records, generator, task_name)
+        task = get_task(task_name)
+        questions = {q.qid: q for q in task.splits()["train"]}
+        for kind in spec.type.split("+"):
+            pairs = _pairs_of(kind, spec, task, questions, records, generator, judgments)
+            per_type.setdefault(kind, []).extend(pairs)
+    pools = {k: _drop_degenerate(v, stats) for k, v in per_type.items()}
+    stats.candidates = sum(len(v) for v in per_type.values())
+    if "+" in spec.type:                      # 50:50 mix: equal numbers from each side
+        k = min(min(len(v) for v in pools.values()), spec.cap // 2)
+        stats.capped = sum(len(v) for v in pools.values()) - k * len(pools)
+        data = [p for kind in spec.type.split("+") for p in _sample(pools[kind], k, rng)]
+    else:
+        pool = pools.get(spec.type, [])
+        stats.capped = max(0, len(pool) - spec.cap)
+        data = _sample(pool, min(len(pool), spec.cap), rng)
+    if spec.type == "sft_wrong":
+        data = [{**p, "method": "sft_wrong"} for p in data]
+    stats.kept = len(data)
+    for p in data:
+        stats.by_task[p["task"]] = stats.by_task.get(p["task"], 0) + 1
+    return data, stats
+
+
+def _pairs_of(kind: str, spec: PrefSpec, task: Task, questions: dict, records: list[dict], generator: str,
+              judgments: dict) -> list[dict]:
+    if kind in ("oracle", "sft_wrong"):
+        return oracle_pairs(task, questions, records)
+    if kind == "random":
+        return random_pairs(task, questions, records, spec.seed)
+    if kind == "row":
+        return row_pairs(task, questions, records)
+    judge_kind = "pairwise" if kind == "direct" else "score"
+    key = (generator, spec.judge, task.name, judge_kind)
+    if key not in judgments:
+        raise FileNotFoundError(f"preference type {spec.type!r} needs {judge_kind} judgments of "
+                                f"{generator}'s {task.name} answers by judge {spec.judge!r} (run notebook 02_elicit)")
+    if kind == "direct":
+        return direct_pairs(task, questions, records, judgments[key], spec.filtered)
+    return score_pairs(task, questions, records, judgments[key], spec.top_p)
+
+
+def _check_train_only(records: Iterable[dict], generator: str, task: str) -> None:
+    splits = {r["split"] for r in records}
+    if splits - {"train"}:
+        raise ValueError(f"preferences must come from D_train only, but {generator}/{task} samples "
+                         f"include splits {sorted(splits - {'train'})}")
+
+
+def _drop_degenerate(pairs: list[dict], stats: PrefStats) -> list[dict]:
+    kept = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()
+            and p["chosen"].strip() != p["rejected"].strip()]
+    stats.degenerate += len(pairs) - len(kept)
+    return kept
+
+
+def _sample(pool: list[dict], k: int, rng: random.Random) -> list[dict]:
+    """A seeded sample of ``k`` pairs, in their original order (stable files)."""
+    if k >= len(pool):
+        return list(pool)
+    keep = sorted(rng.sample(range(len(pool)), k))
+    return [pool[i] for i in keep]
+
+
+def write(run: store.Run, spec: PrefSpec, data: list[dict], stats: PrefStats) -> None:
+    path = run.prefs(spec.name)
+    store.write_jsonl(path, data)
+    store.write_json(path.with_suffix(".stats.json"), {"spec": spec.__dict__, **stats.__dict__})
+
+
+def load(run: store.Run, name: str) -> list[dict]:
+    path = run.prefs(name)
+    if not path.exists():
+        raise FileNotFoundError(f"no preference dataset {name!r} at {path} (build it in notebook 03_align)")
+    return store.read_jsonl(path)
