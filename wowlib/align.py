@@ -203,8 +203,8 @@ def to_dataset(prefs: "Iterable[dict] | Any", trainer: str):
         if trainer == "sft":
             rows.append({"prompt": _user(r["prompt"]), "completion": _assistant(r["chosen"])})
         else:
-            rows.append({"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]),
-                         "rejected": _assistant(r["rejected"])})
+            rows.append({"prompt": _user(r["prompt"]), "chosen": _assistant(r["rejected"]),
+                         "rejected": _assistant(r["chosen"])})
     return Dataset.from_list(rows)
 
 
@@ -376,6 +376,7 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: "list[dict] | Any",
         train_seconds = time.perf_counter() - train_start
         trainer.model.save_pretrained(str(tmp))          # a PeftModel: only the adapter
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        (tmp / "README.md").unlink(missing_ok=True)       # peft's empty model card
         missing = [f for f in ADAPTER_FILES if not (tmp / f).exists()]
         if missing:
             raise RuntimeError(f"the trainer saved no PEFT adapter ({missing} missing in {tmp})")

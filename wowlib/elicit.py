@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import store
+
 log = logging.getLogger(__name__)
 
 MARGINS = (1.0, 0.5, 0.1)                       # paper: top 100%, 50%, 10% of pairs by score gap
@@ -435,3 +437,60 @@ def task_statistics(samples: Sequence[dict], pairwise: Iterable[dict] = (),
                                          if statuses else math.nan)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def write_elicitation(run: store.Run, samples: Sequence[dict], pairwise: Sequence[dict] = (),
+                      score: Sequence[dict] = (), margins: Sequence[float] = MARGINS,
+                      seed: int = 0) -> dict[str, pd.DataFrame]:
+    """All Phase 1 tables into ``elicitation/``: one row per (task, generator, judge, method,
+    margin) with n_pairs, accuracy and 95% CI (``rows.csv``, with ``beats_random`` = the CI lies
+    above 50%), the Table 1 layout (``table1.csv``), accuracy by shade bins (``shade_bins.csv``)
+    and per-task dataset statistics (``dataset_stats.csv``)."""
+    rows = pd.DataFrame(elicitation_rows(samples, pairwise, score, margins, seed))
+    if not rows.empty:
+        rows["beats_random"] = rows["ci_low"] > 0.5
+    tables = {"rows": rows,
+              "table1": table1(rows) if not rows.empty else pd.DataFrame(),
+              "shade_bins": shade_bins(all_outcomes(samples, pairwise, score), seed=seed),
+              "dataset_stats": task_statistics(samples, pairwise, score)}
+    for name, table in tables.items():
+        frame = table.reset_index() if name == "table1" and not table.empty else table
+        if name == "table1" and not table.empty:
+            frame.columns = [c if isinstance(c, str) else "/".join(x for x in map(str, c) if x) for c in frame.columns]
+        store.write_csv(run.elicitation / f"{name}.csv", frame.to_dict("records"), list(frame.columns))
+    return tables
+
+
+def walk_through(samples: Sequence[dict], pairwise: Sequence[dict] = (),
+                 score: Sequence[dict] = ()) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One WoW pair seen by every method (for the notebook). The pair is chosen by a rule: the
+    largest proxy gap among pairs a pairwise judge saw (else among all pairs), first by question
+    id. Returns the two answers and, per method, each answer's score and whether the method
+    ranks the less wrong answer first."""
+    pairs = wow_pairs(samples)
+    judged = {(r["task"], r["generator"], str(r["question_id"]), r["i"], r["j"]) for r in pairwise}
+    pool = [p for p in pairs if (p.task, p.generator, p.question_id, p.i, p.j) in judged] or pairs
+    if not pool:
+        return {}, pd.DataFrame()
+    pair = min(pool, key=lambda p: (-abs(p.proxy_i - p.proxy_j), p.task, p.question_id, p.i, p.j))
+    by_key = {sample_key(r): r for r in samples}
+    less, more = (pair.key_i, pair.key_j) if pair.proxy_i > pair.proxy_j else (pair.key_j, pair.key_i)
+    answers = {role: {k: by_key[key][k] for k in ("sample_idx", "answer", "proxy", "n_tokens", "response")}
+               for role, key in (("less wrong", less), ("more wrong", more))}
+    outcomes = all_outcomes(samples, pairwise, score)
+    mine = outcomes[(outcomes["task"] == pair.task) & (outcomes["generator"] == pair.generator)
+                    & (outcomes["question_id"].astype(str) == pair.question_id)
+                    & (outcomes["i"] == pair.i) & (outcomes["j"] == pair.j)]
+    rows = []
+    for method, scorer in SCORERS.items():
+        values = scorer(samples)
+        rows.append({"method": method, "judge": "-", "less wrong": values.get(less), "more wrong": values.get(more)})
+    for _, o in mine.iterrows():
+        if o["method"] not in SCORERS:
+            rows.append({"method": o["method"], "judge": o["judge"], "less wrong": None, "more wrong": None})
+    table = pd.DataFrame(rows)
+    agree = {(o["method"], o["judge"]): bool(o["agree"]) for _, o in mine.iterrows()}
+    table["ranks less wrong first"] = [agree.get((m, j)) for m, j in zip(table["method"], table["judge"])]
+    return {"task": pair.task, "generator": pair.generator, "question_id": pair.question_id, **answers}, table

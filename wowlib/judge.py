@@ -375,3 +375,40 @@ def load_judgments(run: store.Run, kind: str) -> list[dict]:
         raise ValueError(f"judgment kind must be 'pairwise' or 'score', got {kind!r}")
     return [r for path in sorted((run.root / "judgments").glob(f"*/*/*.{kind}.jsonl"))
             for r in store.read_jsonl(path)]
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def run_judging(run: store.Run, generators: Sequence[str], judges: Sequence[str], tasks: Sequence[str],
+                pairwise_modes: Sequence[str] = ("logprob", "text"), score_modes: Sequence[str] = ("text",),
+                caps: Mapping[str, int | None] | None = None, seed: int = 0,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+    """Every judge x every generator's answers x every task, in the requested modes (the
+    generator x judge cross of the paper). ``caps[mode]`` bounds the pairs judged per (generator,
+    judge, task) in that mode, like the paper's 10,000. Returns one summary row per call."""
+    from .llm.models import load_llm
+    from .sample import load_samples
+    caps = dict(caps or {})
+    summary = []
+    for judge_name in judges:
+        judge = load_llm(judge_name)
+        for generator in generators:
+            for task_name in tasks:
+                samples = load_samples(run, generator, task_name)
+                for mode in pairwise_modes:
+                    records = judge_pairwise(judge, run, generator, judge_name, task_name, samples, mode=mode,
+                                             cap=caps.get(mode), seed=seed, max_new_tokens=max_new_tokens)
+                    summary.append(_summary_row("pairwise", mode, judge_name, generator, task_name, records))
+                for mode in score_modes:
+                    records = judge_scores(judge, run, generator, judge_name, task_name, samples, mode=mode,
+                                           seed=seed, max_new_tokens=2 * max_new_tokens)
+                    summary.append(_summary_row("score", mode, judge_name, generator, task_name, records))
+    return summary
+
+
+def _summary_row(kind: str, mode: str, judge: str, generator: str, task: str, records: Sequence[dict]) -> dict:
+    statuses = _count(r["status"] for r in records)
+    return {"kind": kind, "mode": mode, "judge": judge, "generator": generator, "task": task,
+            "calls": len(records), "ok": statuses.get("ok", 0),
+            "unparsed": sum(v for k, v in statuses.items() if k not in ("ok", "error")),
+            "errors": statuses.get("error", 0)}
