@@ -19,9 +19,11 @@ class Decoding:
     temperature: float = 1.0
     max_new_tokens: int = 512
     top_p: float = 1.0
+    min_new_tokens: int = 0          # stop tokens are suppressed before this (benchmarks force lengths)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+        if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1
+                or not 0 <= self.min_new_tokens <= self.max_new_tokens):
             raise ValueError(f"invalid decoding parameters {self}")
 
     @property

@@ -105,9 +105,9 @@ class HFModel:
         lengths = [len(self.encode(self.render(r.message_dicts))) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.decoding.temperature, r.decoding.top_p, r.decoding.max_new_tokens), []).append(i)
+            groups.setdefault((r.decoding.max_new_tokens, repr(r.decoding)), []).append(i)
         batches = []
-        for (_, _, max_new), idx in sorted(groups.items()):
+        for (max_new, _), idx in sorted(groups.items()):
             idx.sort(key=lambda i: (-lengths[i], requests[i].messages, requests[i].sample_idx))
             batch: list[int] = []
             for i in idx:
@@ -157,7 +157,10 @@ class HFModel:
         logps: list[list[float]] = [[] for _ in range(n)]
         finish = ["length"] * n
         active = list(range(n))                        # request index of each live row
-        for _ in range(decoding.max_new_tokens):
+        stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+        for step in range(decoding.max_new_tokens):
+            if step < decoding.min_new_tokens:
+                logits[:, stop] = float("-inf")
             logprobs = torch.log_softmax(logits, dim=-1)
             chosen = self._choose(logits, logprobs, decoding, [generators[i] for i in active])
             picked = logprobs.gather(-1, chosen[:, None]).squeeze(-1).tolist()

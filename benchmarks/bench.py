@@ -1,0 +1,252 @@
+"""Side-by-side throughput of the pipeline's hot paths, in ONE run on the same model and prompts.
+
+    .venv/bin/python benchmarks/bench.py                      # SmolLM2-135M, defaults below
+    .venv/bin/python benchmarks/bench.py --model tiny --quick # seconds, for a smoke check
+
+Sections (each prints a table; all rows are appended to benchmarks/results.csv with the CPU name,
+threads and library versions):
+1. the machine's fp32 matmul rate (2048 x 2048), the yardstick for achieved FLOP/s;
+2. sampling: (a) a faithful re-implementation of the official repository's loop (transformers
+   ``generate``, batches of 5, the prompt repeated per sample, no prefix sharing, logits kept for
+   log-probs) vs (b) our sampler (``wowlib.llm.hf``: batches across questions sorted by length,
+   shared prefill, early stop) in fp32 and int8, at 1 and 2 threads. Every system generates
+   exactly ``--max-new-tokens`` per sample (stop tokens suppressed), so tokens/s compare like
+   with like; achieved FLOP/s = 2 * parameters * tokens / seconds;
+3. judging: pairwise verdicts per second, generated-text mode vs next-token log-prob mode;
+4. DPO: pairs per second with and without precomputed reference log-probs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from wowlib import store  # noqa: E402
+from wowlib.llm.base import Decoding, Request  # noqa: E402
+from wowlib.llm.hf import HFModel, HFOptions  # noqa: E402
+from wowlib.llm.models import model_path  # noqa: E402
+from wowlib.tasks import get_task  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results.csv"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+# ---------------------------------------------------------------------------- prompts
+
+def sampling_prompts(tasks: list[str], n_questions: int, n_samples: int, seed: int = 0) -> list[list[str]]:
+    """Per question, the N user prompts of the paper's protocol (MC: one option order per sample)."""
+    out = []
+    for name in tasks:
+        task = get_task(name)
+        for q in task.questions("train", n_questions):
+            out.append([task.prompt(q, task.option_order(q, i, seed)) for i in range(n_samples)])
+    return out
+
+
+# ---------------------------------------------------------------------------- (a) the official loop
+
+@torch.inference_mode()
+def official_loop(model, tokenizer, prompts: list[list[str]], max_new_tokens: int, batch_size: int = 5) -> int:
+    """The official repository's generation loop (preference_generation/utils.py,
+    batch_query_open_sourced_llm, mode 'generate'), re-implemented: batches of ``batch_size``
+    chats, left padding, ``generate`` with sampling at temperature 1 and ``output_logits`` so the
+    log-probs of the sampled tokens can be read afterwards. Returns generated tokens."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    flat = [[{"role": "user", "content": p}] for per_question in prompts for p in per_question]
+    tokens = 0
+    for start in range(0, len(flat), batch_size):
+        batch = tokenizer.apply_chat_template(flat[start:start + batch_size], add_generation_prompt=True,
+                                              padding=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**batch, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, output_logits=True)
+        sequences = out.sequences[:, batch["input_ids"].shape[-1]:]
+        logprobs = -torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+        logprobs.gather(-1, sequences[:, :, None]).squeeze(-1).mean(-1)   # what the official code keeps
+        tokens += sequences.numel()
+    return tokens
+
+
+# ---------------------------------------------------------------------------- (b) ours
+
+def ours(model: HFModel, prompts: list[list[str]], max_new_tokens: int) -> int:
+    decoding = Decoding(temperature=1.0, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    requests = [Request.chat([{"role": "user", "content": p}], decoding, sample_idx=i)
+                for per_question in prompts for i, p in enumerate(per_question)]
+    tokens = 0
+    for batch in model.plan(requests):
+        tokens += sum(c.n_tokens + (c.finish == "stop") for c in model.run_batch([requests[i] for i in batch]))
+    return tokens
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+FIELDS = ["run", "model", "cpu", "cpu_count", "torch", "transformers", "trl", "section", "system", "threads",
+          "work", "unit", "seconds", "per_s", "ratio", "ratio_to", "flops_share", "peak_rss_gb"]
+
+
+def record(rows: list[dict], section: str, system: str, threads: int, work: float, unit: str, seconds: float,
+           baseline: dict | None = None, flops_share: float | None = None) -> dict:
+    """One result row; ``ratio`` is throughput over the section's baseline row."""
+    per_s = work / seconds if seconds else float("nan")
+    row = {"section": section, "system": system, "threads": threads, "work": work, "unit": unit,
+           "seconds": round(seconds, 2), "per_s": round(per_s, 3),
+           "ratio": round(per_s / baseline["per_s"], 2) if baseline else None,
+           "ratio_to": baseline["system"] if baseline else None,
+           "flops_share": round(flops_share, 3) if flops_share is not None else None,
+           "peak_rss_gb": round(peak_rss_gb(), 2)}
+    rows.append(row)
+    extra = f"  x{row['ratio']} vs {row['ratio_to']}" if baseline else ""
+    share = f"  {100 * flops_share:.0f}% of matmul rate" if flops_share is not None else ""
+    print(f"  [{threads} thr] {system:<44} {per_s:9.2f} {unit}/s{extra}{share}", flush=True)
+    return row
+
+
+def sampling_section(args, rows: list[dict]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory = model_path(args.model)
+    prompts = sampling_prompts(args.tasks, args.questions, args.samples)
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(directory).parameters())
+    print(f"\n== sampling: {args.model} ({n_params / 1e6:.1f}M parameters), {len(prompts)} questions x "
+          f"{args.samples} samples x {args.max_new_tokens} new tokens", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        rate = matmul_gflops(threads)
+        print(f" threads={threads}: fp32 matmul {rate:.1f} GFLOP/s", flush=True)
+        record(rows, "matmul", "torch fp32 2048x2048", threads, rate, "GFLOP", 1.0)
+        official_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokens, seconds = timed(official_loop, official_model, tokenizer, prompts, args.max_new_tokens)
+        base = record(rows, "sampling", "official loop (generate, batch 5)", threads, tokens, "tokens", seconds,
+                      flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
+        del official_model
+        for int8 in (False, True):
+            model = HFModel(args.model, directory, options=HFOptions(int8=int8, max_batch=args.max_batch))
+            tokens, seconds = timed(ours, model, prompts, args.max_new_tokens)
+            record(rows, "sampling", f"wowlib sampler{' int8' if int8 else ' fp32'}", threads, tokens, "tokens",
+                   seconds, baseline=base, flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
+        print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
+
+
+def judge_section(args, rows: list[dict]) -> None:
+    from wowlib import judge
+    threads = max(args.threads)
+    torch.set_num_threads(threads)
+    model = HFModel(args.model, model_path(args.model))
+    task = get_task(args.tasks[0])
+    questions = task.questions("train", args.judge_pairs)
+    prompts = [judge.pairwise_prompt(task.judge_query(q), f"The answer is {q.options[0] if q.options else 1}.",
+                                     f"The answer is {q.options[-1] if q.options else 2}.") for q in questions]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    print(f"\n== judging: {len(chats)} pairwise verdicts", flush=True)
+    greedy = Decoding(temperature=0.0, max_new_tokens=args.judge_tokens)
+    requests = [Request.chat(c, greedy) for c in chats]
+    _, seconds = timed(lambda: [model.run_batch([requests[i] for i in b]) for b in model.plan(requests)])
+    text = record(rows, "judge", f"text mode (greedy, <= {args.judge_tokens} tokens)", threads, len(chats),
+                  "verdicts", seconds)
+    _, seconds = timed(model.choice_logprobs, chats, judge.PAIRWISE_PREFIX, list(judge.PAIRWISE_CHOICES))
+    record(rows, "judge", "log-prob mode (one forward pass)", threads, len(chats), "verdicts", seconds,
+           baseline=text)
+
+
+def dpo_section(args, rows: list[dict]) -> None:
+    import tempfile
+    from wowlib import align
+    threads = max(args.threads)
+    torch.set_num_threads(threads)
+    task = get_task(args.tasks[0])
+    prefs = [{"prompt": task.prompt(q), "chosen": "Step by step, the answer is A.",
+              "rejected": "I am not sure; maybe the answer is D, or none."} for q in task.questions("train", args.dpo_pairs)]
+    print(f"\n== DPO: {len(prefs)} pairs, 1 epoch, LoRA r=16", flush=True)
+    base = None
+    for precompute in (False, True):
+        config = align.AlignConfig(trainer="dpo", num_train_epochs=1, precompute_ref_log_probs=precompute)
+        with tempfile.TemporaryDirectory() as out:
+            _, seconds = timed(align.train, config, model_path(args.model), prefs, Path(out) / "adapter")
+        row = record(rows, "dpo", f"DPO, precomputed reference log-probs={precompute}", threads, len(prefs),
+                     "pairs", seconds, baseline=base)
+        base = base or row
+    print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", nargs="+", default=["nlgraph_shortest_path", "kc"])
+    parser.add_argument("--questions", type=int, default=4, help="questions per task")
+    parser.add_argument("--samples", type=int, default=10, help="samples per question (paper: 10)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--judge-pairs", type=int, default=8)
+    parser.add_argument("--judge-tokens", type=int, default=128)
+    parser.add_argument("--dpo-pairs", type=int, default=8)
+    parser.add_argument("--sections", nargs="+", default=["sampling", "judge", "dpo"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check of the script)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.questions, args.samples, args.max_new_tokens, args.judge_pairs, args.dpo_pairs = 1, 4, 16, 4, 4
+        args.threads = [max(args.threads)]
+    rows: list[dict] = []
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for section in args.sections:
+        {"sampling": sampling_section, "judge": judge_section, "dpo": dpo_section}[section](args, rows)
+    print(f"\npeak RSS of the whole run: {peak_rss_gb():.2f} GB")
+    versions = store.library_versions()
+    meta = {"run": started, "model": args.model, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch": versions["torch"], "transformers": versions["transformers"], "trl": versions["trl"]}
+    new = not args.out.exists()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows({**meta, **row} for row in rows)
+    print(f"appended {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

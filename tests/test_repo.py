@@ -1,0 +1,87 @@
+"""The repository's own contracts: pinned requirements, no drift between pip and conda files,
+explicit packaging, notebooks committed clean, scripts that CI and users run."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def _requirements(name: str) -> list[str]:
+    return [line.split("#")[0].strip() for line in (REPO / name).read_text().splitlines()
+            if line.split("#")[0].strip()]
+
+
+def test_requirements_are_exact_pins_with_torch_first() -> None:
+    lines = _requirements("requirements.txt")
+    assert lines[0] == "torch==2.13.0"
+    for line in lines:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.]*", line), f"not an exact pin: {line}"
+    names = [line.split("==")[0].lower() for line in lines]
+    assert len(names) == len(set(names)), "a package is pinned twice"
+    for needed in ("transformers", "trl", "peft", "papermill", "nbval", "jupyterlab", "networkx", "chess"):
+        assert needed in names
+
+
+def test_nodeps_requirements_are_hash_pinned() -> None:
+    for line in _requirements("requirements-nodeps.txt"):
+        assert re.fullmatch(r"\S+==\S+ --hash=sha256:[0-9a-f]{64}", line), line
+
+
+def test_environment_yml_delegates_to_requirements() -> None:
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps
+    pip_sections = [d["pip"] for d in deps if isinstance(d, dict)]
+    assert pip_sections == [["-r requirements.txt"]], "environment.yml must not pin packages itself"
+    conda_packages = [d for d in deps if isinstance(d, str)]
+    assert sorted(conda_packages) == ["pip", "python=3.11"]
+
+
+def test_pyproject_lists_packages_explicitly() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]
+    on_disk = sorted(str(p.parent.relative_to(REPO)).replace("/", ".") for p in (REPO / "wowlib").rglob("__init__.py"))
+    assert sorted(packages) == on_disk
+
+
+def test_gitignore_keeps_data_runs_and_venv_out() -> None:
+    ignored = (REPO / ".gitignore").read_text().split()
+    for entry in ("runs/", "data/", ".venv/"):
+        assert entry in ignored
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert not [f for f in tracked if f.startswith(("data/", "runs/", ".venv/"))]
+
+
+def test_notebooks_are_committed_clean() -> None:
+    """No outputs, kernelspec python3, a tagged parameters cell with the smoke defaults."""
+    assert [p.stem for p in NOTEBOOKS][:2] == ["01_sample_wrong", "02_elicit"]
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), path.name
+        params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(params) == 1, f"{path.name}: exactly one cell tagged 'parameters'"
+        assert 'run = "smoke"' in "".join(params[0]["source"]), path.name
+
+
+def test_profiles_parse_and_name_their_run() -> None:
+    for name in ("smoke", "cpu"):
+        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        assert config["run"] and config["tasks"] and config["generator"]
+
+
+def test_scripts_are_executable_and_ci_runs_the_readme_command() -> None:
+    for script in ("setup.sh", "run_tests.sh", "run_all.sh", ".ci/run"):
+        assert (REPO / script).stat().st_mode & 0o111, f"{script} is not executable"
+    readme = (REPO / "README.md").read_text()
+    assert "./run_tests.sh" in readme and "./run_all.sh" in readme
+    assert "./run_tests.sh" in (REPO / ".ci" / "run").read_text()
