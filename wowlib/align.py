@@ -16,11 +16,16 @@ family's reference is the base model with the adapter disabled (``ref_model=None
 ``peft_config``), and its log-probs are computed once before training. CPO, SimPO and ORPO are
 reference-free.
 
-Data format (checked for every trainer in trl 1.16): records are passed to trl *conversational*,
-``prompt=[{"role": "user", ...}]``, ``chosen``/``rejected`` (or SFT's ``completion``) =
-``[{"role": "assistant", ...}]``, so trl renders them with the model's own chat template, the
-same one the inference backend (``wowlib.llm.hf``) uses; a tokenizer without a chat template is an
-error rather than a silently invented format.
+Data format (checked for every trainer in trl 1.16): DPO-family and SFT records are passed to trl
+*conversational*, ``prompt=[{"role": "user", ...}]``, ``chosen``/``rejected`` (or SFT's
+``completion``) = ``[{"role": "assistant", ...}]``, so trl renders them with the model's own chat
+template, the one the inference backend (``wowlib.llm.hf``) uses. CPO/SimPO/ORPO get the same
+rendering as plain strings, applied here (see ``to_dataset``). A tokenizer without a chat template
+is an error rather than a silently invented format.
+
+Threads (the caller sets them): on the 2-core machines, DPO on SmolLM2-135M took ~3.0 s per pair
+with 2 torch threads on an idle machine but ~4.8 s with 2 and ~3.3 s with 1 while another process
+held a core; ``torch.set_num_threads(1)`` / ``OMP_NUM_THREADS=1`` is the safe choice when sharing.
 
 ``build_trainer`` is the only function that touches trl's API; ``train`` wraps it with the
 content-hash skip, the atomic write of the adapter and ``train_log.json``.
@@ -36,9 +41,10 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from . import store
 
@@ -159,7 +165,7 @@ def grid(base: AlignConfig, **axes: Sequence[Any]) -> list[AlignConfig]:
         if axis not in names:
             raise ValueError(f"grid: unknown AlignConfig field {axis!r}; fields: {sorted(names)}")
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise ValueError(f"grid: axis {axis!r} needs a list of values, got {values!r}")
+            raise TypeError(f"grid: axis {axis!r} needs a list of values, got {values!r}")
     keys = list(axes)
     combos = itertools.product(*(list(axes[k]) for k in keys))
     configs = [dataclasses.replace(base, **dict(zip(keys, combo))) for combo in combos]
@@ -168,7 +174,7 @@ def grid(base: AlignConfig, **axes: Sequence[Any]) -> list[AlignConfig]:
 
 # ---------------------------------------------------------------------------- data
 
-def pair_records(prefs: "Iterable[dict] | Any") -> list[dict]:
+def pair_records(prefs: Iterable[dict] | Any) -> list[dict]:
     """The training columns of preference records (provenance columns dropped), checked."""
     records = prefs.to_list() if hasattr(prefs, "to_list") else list(prefs)
     if not records:
@@ -182,7 +188,7 @@ def pair_records(prefs: "Iterable[dict] | Any") -> list[dict]:
     return out
 
 
-def data_hash(prefs: "Iterable[dict] | Any") -> str:
+def data_hash(prefs: Iterable[dict] | Any) -> str:
     """Hash of the training columns, in order (order matters: it fixes the shuffled batches)."""
     return store.content_hash(pair_records(prefs))
 
@@ -195,17 +201,43 @@ def _assistant(text: str | list[dict]) -> list[dict]:
     return text if isinstance(text, list) else [{"role": "assistant", "content": text}]
 
 
-def to_dataset(prefs: "Iterable[dict] | Any", trainer: str):
-    """A ``datasets.Dataset`` in trl's conversational form for ``trainer`` (SFT: prompt/completion)."""
+def to_dataset(prefs: Iterable[dict] | Any, trainer: str, tokenizer=None):
+    """A ``datasets.Dataset`` in trl's conversational form for ``trainer`` (SFT: prompt/completion).
+
+    CPO, SimPO and ORPO get the same chat rendering as plain strings (needs ``tokenizer``): given
+    messages, their trl 1.16 tokenizer appends an EOS after the template's trailing newline, so a
+    ChatML answer would end ``<|im_end|>\n<|im_end|>``; pre-rendered answers end at the EOS.
+    """
     from datasets import Dataset
     rows = []
     for r in pair_records(prefs):
         if trainer == "sft":
             rows.append({"prompt": _user(r["prompt"]), "completion": _assistant(r["chosen"])})
         else:
-            rows.append({"prompt": _user(r["prompt"]), "chosen": _assistant(r["rejected"]),
-                         "rejected": _assistant(r["chosen"])})
+            rows.append({"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]),
+                         "rejected": _assistant(r["rejected"])})
+    if trainer in ("cpo", "simpo", "orpo"):
+        if tokenizer is None:
+            raise ValueError(f"to_dataset: trainer {trainer!r} needs the tokenizer to render the chat template")
+        rows = [_render_pair(row, tokenizer) for row in rows]
     return Dataset.from_list(rows)
+
+
+def _render_pair(row: dict, tokenizer) -> dict:
+    """prompt -> the templated prompt with the generation prompt; each answer -> the rest of the
+    templated chat, cut right after the EOS that closes the answer turn."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    out = {"prompt": prompt}
+    for column in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(row["prompt"] + row[column], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the prompt differently with and without the answer")
+        answer = full[len(prompt):]
+        eos = tokenizer.eos_token
+        if eos and answer.rstrip().endswith(eos):
+            answer = answer.rstrip()
+        out[column] = answer
+    return out
 
 
 # ---------------------------------------------------------------------------- trl
@@ -231,8 +263,8 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: "Iterable[dict] | Any",
-                  eval_dataset: "Iterable[dict] | Any | None" = None, output_dir: str | Path | None = None):
+def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Iterable[dict] | Any,
+                  eval_dataset: Iterable[dict] | Any | None = None, output_dir: str | Path | None = None):
     """A ready trl trainer for ``config`` (the only place trl's API is touched).
 
     ``train_dataset``/``eval_dataset``: preference records (list of dicts or a Dataset with at
@@ -257,24 +289,24 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: "It
                          "(wowlib.llm.models.converted_checkpoint)")
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
-    train_ds = to_dataset(train_dataset, config.trainer)
-    eval_ds = to_dataset(eval_dataset, config.trainer) if eval_dataset is not None else None
-    common = dict(
-        output_dir=str(output_dir), seed=config.seed, data_seed=config.seed,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-        weight_decay=config.weight_decay, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,        # transformers 5: a float in [0, 1) is a ratio
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_length=config.max_length, logging_steps=config.logging_steps, logging_first_step=True,
-        eval_strategy="epoch" if eval_ds is not None else "no",
-        save_strategy="no", report_to="none", dataloader_num_workers=0,
-        bf16=bf16, fp16=False, use_cpu=device == "cpu",
-        activation_checkpointing=False,          # trl defaults it on; small models do not need it
-    )
-    kwargs = dict(model=model, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                  peft_config=peft_config)
+    train_ds = to_dataset(train_dataset, config.trainer, tokenizer)
+    eval_ds = to_dataset(eval_dataset, config.trainer, tokenizer) if eval_dataset is not None else None
+    common = {
+        "output_dir": str(output_dir), "seed": config.seed, "data_seed": config.seed,
+        "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
+        "weight_decay": config.weight_decay, "num_train_epochs": config.num_train_epochs, "max_steps": config.max_steps,
+        "warmup_steps": config.warmup_ratio,        # transformers 5: a float in [0, 1) is a ratio
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "per_device_eval_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "max_length": config.max_length, "logging_steps": config.logging_steps, "logging_first_step": True,
+        "eval_strategy": "epoch" if eval_ds is not None else "no",
+        "save_strategy": "no", "report_to": "none", "dataloader_num_workers": 0,
+        "bf16": bf16, "fp16": False, "use_cpu": device == "cpu",
+        "activation_checkpointing": False,          # trl defaults it on; small models do not need it
+    }
+    kwargs = {"model": model, "train_dataset": train_ds, "eval_dataset": eval_ds, "processing_class": tokenizer,
+                  "peft_config": peft_config}
     if config.trainer in DPO_LOSSES:
         from trl import DPOConfig, DPOTrainer
         args = DPOConfig(**common, beta=config.beta, loss_type=[DPO_LOSSES[config.trainer]],
@@ -283,13 +315,14 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: "It
         return _quiet_progress(DPOTrainer(ref_model=None, args=args, **kwargs))
     if config.trainer in ("cpo", "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
-        loss = {"cpo": dict(loss_type="sigmoid", cpo_alpha=config.cpo_alpha),
-                "simpo": dict(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=config.simpo_gamma)}[config.trainer]
-        args = CPOConfig(**common, beta=config.beta, **loss)
+        loss = {"cpo": {"loss_type": "sigmoid", "cpo_alpha": config.cpo_alpha},
+                "simpo": {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": config.simpo_gamma}}[config.trainer]
+        args = CPOConfig(**common, beta=config.beta, remove_unused_columns=False, **loss)
         return _quiet_progress(CPOTrainer(args=args, **kwargs))
     if config.trainer == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-        return _quiet_progress(ORPOTrainer(args=ORPOConfig(**common, beta=config.beta), **kwargs))
+        args = ORPOConfig(**common, beta=config.beta, remove_unused_columns=False)   # its collator needs them
+        return _quiet_progress(ORPOTrainer(args=args, **kwargs))
     from trl import SFTConfig, SFTTrainer
     return _quiet_progress(SFTTrainer(args=SFTConfig(**common), **kwargs))
 
@@ -348,8 +381,8 @@ def is_trained(out_dir: Path, key: str) -> bool:
         return False
 
 
-def train(config: AlignConfig, model_dir: str | Path, prefs: "list[dict] | Any", out_dir: Path,
-          eval_prefs: "list[dict] | Any | None" = None) -> Path:
+def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, out_dir: Path,
+          eval_prefs: list[dict] | Any | None = None) -> Path:
     """Train a LoRA adapter and save it (adapter files + ``train_log.json``) into ``out_dir``.
 
     Skips training when ``out_dir`` already holds a complete run with the same key (config, data,
@@ -433,7 +466,7 @@ def _jsonable(entries: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------- measuring
 
-def pair_logprobs(model, tokenizer, prefs: "Iterable[dict] | Any") -> list[tuple[float, float]]:
+def pair_logprobs(model, tokenizer, prefs: Iterable[dict] | Any) -> list[tuple[float, float]]:
     """Teacher-forced summed log-probs ``(chosen, rejected)`` of each pair, rendered with the chat
     template exactly as training sees it (prompt with the generation prompt, then the answer turn)."""
     import torch

@@ -1,0 +1,392 @@
+"""Alignment (wowlib.align): configuration, the trl wiring of every trainer, and proof that each
+trainer learns a separable toy preference on the tiny model.
+
+The toy set is chosen AGAINST the base model's prior: the tiny model was taught to answer
+"... The answer is X.", so it prefers the rejected answer ("The answer is A.") over the chosen one
+("I do not know at all.") before training. A trainer that does nothing, or learns the wrong
+direction, fails. One test per trl feature we rely on, so a trl upgrade fails loudly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wowlib import align
+from wowlib.align import AlignConfig
+
+pytestmark = pytest.mark.filterwarnings(   # trl 1.16 calls a transformers 5.24 deprecated property
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+PREFERENCE_TRAINERS = ("dpo", "ipo", "rso", "sppo", "cpo", "simpo", "orpo")
+PAPER_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "rso": "hinge", "sppo": "sppo_hard"}   # trl's names
+CHOSEN, REJECTED = "I do not know at all.", "The answer is A."
+
+
+def toy_prefs(n: int = 16, offset: int = 0) -> list[dict]:
+    """Separable pairs, with the provenance columns prefs.py writes (they must not reach trl)."""
+    return [{"prompt": f"Question {offset + i}: which option is right?\nOptions:\nA. yes\nB. no\n",
+             "chosen": CHOSEN, "rejected": REJECTED, "task": "toy", "question_id": str(offset + i),
+             "source": "self", "method": "oracle", "chosen_proxy": 0.5, "rejected_proxy": 0.0}
+            for i in range(n)]
+
+
+def toy_config(trainer: str, **changes) -> AlignConfig:
+    """Fast enough to move in a few steps: lr 5e-3, 2 epochs, no warmup, every step logged."""
+    return AlignConfig(trainer=trainer, learning_rate=5e-3, num_train_epochs=2, warmup_ratio=0.0,
+                       logging_steps=1, max_length=256, device="cpu", **changes)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """1 torch thread: as fast as 2 for the tiny model, and immune to a busy second core."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dir):
+    from transformers import AutoModelForCausalLM
+    tokenizer = align.load_tokenizer(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    """Each trainer trained once on the toy set (lazily); the built trl trainer is kept for inspection."""
+    root = tmp_path_factory.mktemp("align")
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(trainer: str):
+        if trainer not in cache:
+            built = []
+            original = align.build_trainer
+
+            def capture(*args, **kwargs):
+                built.append(original(*args, **kwargs))
+                return built[-1]
+
+            align.build_trainer = capture
+            try:
+                eval_prefs = toy_prefs(4, offset=100) if trainer == "dpo" else None
+                out = align.train(toy_config(trainer), tiny_dir, toy_prefs(), root / trainer, eval_prefs=eval_prefs)
+            finally:
+                align.build_trainer = original
+            cache[trainer] = (out, built[0])
+        return cache[trainer]
+    return get
+
+
+def adapted(tiny_dir, adapter_dir: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(adapter_dir))
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+def test_defaults_are_the_papers():
+    c = AlignConfig()
+    assert (c.trainer, c.lora_r, c.lora_alpha, c.beta, c.warmup_ratio, c.learning_rate, c.num_train_epochs,
+            c.per_device_train_batch_size) == ("dpo", 16, 16, 0.1, 0.1, 5e-5, 3, 1)
+    assert set(c.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert c.precompute_ref_log_probs and c.seed == 42
+
+
+@pytest.mark.parametrize("field, value", [
+    ("trainer", "ppo"), ("beta", 0), ("learning_rate", -1e-5), ("lr_scheduler_type", "cosin"),
+    ("weight_decay", -0.1), ("num_train_epochs", 0), ("warmup_ratio", 1.0), ("per_device_train_batch_size", 0),
+    ("gradient_accumulation_steps", 1.5), ("max_steps", 0), ("lora_r", 0), ("lora_alpha", 0), ("lora_dropout", 1.0),
+    ("target_modules", ()), ("max_length", 4), ("seed", "42"), ("logging_steps", 0), ("device", "tpu"),
+    ("precompute_ref_batch_size", 0), ("cpo_alpha", -1), ("simpo_gamma", -0.5),
+])
+def test_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"AlignConfig\.{field}: "):
+        AlignConfig(**{field: value})
+
+
+def test_schedulers_are_transformers_schedulers():
+    from transformers.trainer_utils import SchedulerType
+    assert set(align.SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_config_is_hashable_and_keyed():
+    a, b = AlignConfig(), AlignConfig(target_modules=list(align.PROJECTIONS))
+    assert a == b and hash(a) == hash(b) and a.key == b.key
+    assert AlignConfig(learning_rate=1e-4).key != a.key
+    assert a.tag.startswith("dpo-lr5e-05-linear-wd0-ep3-")
+
+
+def test_grid_is_the_cartesian_product():
+    configs = align.grid(AlignConfig(), learning_rate=[5e-5, 1e-4], lr_scheduler_type=["linear", "cosine"],
+                         weight_decay=[0.0, 0.01], num_train_epochs=[1, 3])
+    assert len(configs) == 16 == len({c.key for c in configs})
+    assert [(c.learning_rate, c.lr_scheduler_type) for c in configs[:5:4]] == [(5e-5, "linear"), (5e-5, "cosine")]
+    assert all(c.trainer == "dpo" and c.lora_r == 16 for c in configs)
+    assert align.grid(AlignConfig()) == [AlignConfig()]
+    assert len(align.grid(AlignConfig(), learning_rate=[5e-5, 5e-5])) == 1
+
+
+def test_grid_rejects_unknown_axes_and_bad_values():
+    with pytest.raises(ValueError, match="unknown AlignConfig field 'lr'"):
+        align.grid(AlignConfig(), lr=[1e-4])
+    with pytest.raises(TypeError, match="needs a list"):
+        align.grid(AlignConfig(), lr_scheduler_type="cosine")
+    with pytest.raises(ValueError, match=r"AlignConfig\.weight_decay"):
+        align.grid(AlignConfig(), weight_decay=[0.0, -1.0])
+
+
+# ---------------------------------------------------------------------------- data
+
+def test_records_drop_provenance_and_hash_the_training_columns():
+    prefs = toy_prefs(3)
+    assert align.pair_records(prefs)[0] == {"prompt": prefs[0]["prompt"], "chosen": CHOSEN, "rejected": REJECTED}
+    relabelled = [dict(r, method="direct", chosen_proxy=1.0) for r in prefs]
+    assert align.data_hash(relabelled) == align.data_hash(prefs)
+    assert align.data_hash(prefs[::-1]) != align.data_hash(prefs)
+    assert align.data_hash([dict(prefs[0], chosen="x")] + prefs[1:]) != align.data_hash(prefs)
+    with pytest.raises(ValueError, match=r"record 1 lacks \['rejected'\]"):
+        align.pair_records([prefs[0], {"prompt": "p", "chosen": "c"}])
+    with pytest.raises(ValueError, match="no preference pairs"):
+        align.pair_records([])
+
+
+def test_datasets_are_conversational():
+    from datasets import Dataset
+    dpo = align.to_dataset(Dataset.from_list(toy_prefs(2)), "dpo")
+    assert dpo.column_names == ["prompt", "chosen", "rejected"]
+    assert dpo[0]["prompt"] == [{"role": "user", "content": toy_prefs(1)[0]["prompt"]}]
+    assert dpo[0]["chosen"] == [{"role": "assistant", "content": CHOSEN}]
+    sft = align.to_dataset(toy_prefs(2), "sft")
+    assert sft.column_names == ["prompt", "completion"]
+    assert sft[0]["completion"] == [{"role": "assistant", "content": CHOSEN}]
+
+
+def test_cpo_family_gets_the_chat_rendering_as_strings(base):
+    _, tokenizer = base
+    row = align.to_dataset(toy_prefs(1), "simpo", tokenizer)[0]
+    messages = [{"role": "user", "content": toy_prefs(1)[0]["prompt"]}]
+    assert row["prompt"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert row["chosen"] == CHOSEN + tokenizer.eos_token and row["rejected"] == REJECTED + tokenizer.eos_token
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        align.to_dataset(toy_prefs(1), "orpo")
+
+
+def test_a_tokenizer_without_chat_template_is_an_error(tiny_dir, tmp_path):
+    copy = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, copy)
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no chat template"):
+        align.load_tokenizer(copy)
+
+
+# ---------------------------------------------------------------------------- trl features we rely on
+
+@pytest.mark.parametrize("trainer", ["dpo", "ipo", "rso", "sppo"])
+def test_dpo_config_takes_loss_list_bf16_off_and_precompute(trainer):
+    from trl import DPOConfig
+    args = DPOConfig(output_dir="unused", loss_type=[PAPER_LOSSES[trainer]], bf16=False, fp16=False,
+                     use_cpu=True, precompute_ref_log_probs=True, activation_checkpointing=False, warmup_steps=0.1,
+                     beta=0.1, max_length=512, report_to="none", save_strategy="no")
+    assert args.loss_type == [PAPER_LOSSES[trainer]]
+    assert args.bf16 is False and args.precompute_ref_log_probs is True
+    assert args.gradient_checkpointing is False and args.activation_checkpointing is False
+    assert args.get_warmup_steps(100) == 10          # a float warmup_steps is a ratio (transformers 5)
+
+
+def test_experimental_cpo_and_orpo_offer_simpo():
+    from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: F401
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: F401
+    simpo = CPOConfig(output_dir="unused", loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.5, bf16=False,
+                      use_cpu=True, max_length=512, activation_checkpointing=False)
+    assert (simpo.loss_type, simpo.cpo_alpha, simpo.simpo_gamma) == ("simpo", 0.0, 0.5)
+    assert ORPOConfig(output_dir="unused", beta=0.1, bf16=False, use_cpu=True,
+                      activation_checkpointing=False).beta == 0.1
+
+
+@pytest.mark.parametrize("trainer, cls", [
+    ("dpo", "DPOTrainer"), ("ipo", "DPOTrainer"), ("rso", "DPOTrainer"), ("sppo", "DPOTrainer"),
+    ("cpo", "CPOTrainer"), ("simpo", "CPOTrainer"), ("orpo", "ORPOTrainer"), ("sft", "SFTTrainer")])
+def test_build_trainer_wiring(runs, trainer, cls):
+    from peft import PeftModel
+    _, built = runs(trainer)
+    args = built.args
+    assert type(built).__name__ == cls
+    assert isinstance(built.model, PeftModel)
+    lora = built.model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha) == (16, 16) and set(lora.target_modules) == set(align.PROJECTIONS)
+    assert args.bf16 is False and args.fp16 is False and args.use_cpu is True
+    assert args.gradient_checkpointing is False
+    assert args.save_strategy == "no" and args.dataloader_num_workers == 0 and args.report_to in ([], "none", ["none"])
+    assert (args.learning_rate, args.lr_scheduler_type, args.seed, args.max_length) == (5e-3, "linear", 42, 256)
+    assert built.processing_class.chat_template
+    if trainer in PAPER_LOSSES:
+        assert args.loss_type == [PAPER_LOSSES[trainer]] and args.precompute_ref_log_probs
+    if trainer == "simpo":
+        assert (args.loss_type, args.cpo_alpha) == ("simpo", 0.0)
+    if trainer == "cpo":
+        assert (args.loss_type, args.cpo_alpha) == ("sigmoid", 1.0)
+
+
+@pytest.mark.parametrize("trainer", align.TRAINERS)
+def test_every_trainer_trains_on_the_chat_template(runs, base, trainer):
+    """What trl tokenised: the chat-templated prompt, then the answer turn, with loss on the answer
+    only, closed by exactly one EOS."""
+    _, built = runs(trainer)
+    _, tokenizer = base
+    row = built.train_dataset[0]
+    messages = [{"role": "user", "content": toy_prefs(1)[0]["prompt"]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if trainer in PAPER_LOSSES:
+        ids, trained = row["prompt_ids"] + row["chosen_ids"], row["chosen_ids"]
+    elif trainer == "sft":
+        ids, trained = row["input_ids"], [t for t in row["labels"] if t != -100]
+    else:
+        ids, trained = row["chosen_input_ids"], [t for t in row["chosen_labels"] if t != -100]
+    assert tokenizer.decode(ids).startswith(prompt + CHOSEN + tokenizer.eos_token)
+    assert tokenizer.decode(trained).strip() == CHOSEN + tokenizer.eos_token
+    assert trained.count(tokenizer.eos_token_id) == 1
+
+
+def test_reference_is_the_base_model_with_the_adapter_disabled(runs, base, tiny_dir):
+    """ref_model None + peft: the precomputed reference log-probs are the base model's, and with the
+    adapter disabled the trained model is the base model again."""
+    import torch
+    _, built = runs("dpo")
+    assert built.ref_model is None
+    model, tokenizer = base
+    expected = align.pair_logprobs(model, tokenizer, toy_prefs())
+    assert list(built.train_dataset["ref_chosen_logps"]) == pytest.approx([c for c, _ in expected], abs=1e-3)
+    assert list(built.train_dataset["ref_rejected_logps"]) == pytest.approx([r for _, r in expected], abs=1e-3)
+    ids = torch.tensor([tokenizer("Question 1: which option is right?")["input_ids"]])
+    policy = built.model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with policy.disable_adapter():
+            disabled = policy(input_ids=ids).logits
+        enabled = policy(input_ids=ids).logits
+    assert torch.allclose(disabled, reference, atol=1e-5)
+    assert not torch.allclose(enabled, reference, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- learning
+
+@pytest.mark.parametrize("trainer", PREFERENCE_TRAINERS)
+def test_every_trainer_learns_the_toy_preference(runs, base, tiny_dir, trainer):
+    out, _ = runs(trainer)
+    train_log = align.read_log(out)
+    margins = align.history(train_log, "rewards/margins")
+    assert len(margins) >= 30                         # 32 steps, every one logged
+    assert margins[-1] > margins[0] + 0.2 and margins[-1] > 0, margins
+    assert align.history(train_log, "rewards/accuracies")[-1] == 1.0
+    # measured directly: teacher-forced log p(chosen) - log p(rejected), base vs adapter
+    model, tokenizer = base
+    before = [c - r for c, r in align.pair_logprobs(model, tokenizer, toy_prefs())]
+    after = [c - r for c, r in align.pair_logprobs(adapted(tiny_dir, out), tokenizer, toy_prefs())]
+    assert mean(before) < 0, "the toy set must go against the base model's prior"
+    assert all(a > b + 1.0 for a, b in zip(after, before)), (mean(before), mean(after))
+    held_out = toy_prefs(4, offset=500)               # it generalises to unseen prompts of the same form
+    assert mean(c - r for c, r in align.pair_logprobs(adapted(tiny_dir, out), tokenizer, held_out)) > \
+        mean(c - r for c, r in align.pair_logprobs(model, tokenizer, held_out)) + 1.0
+
+
+def test_sft_raises_the_chosen_log_prob(runs, base, tiny_dir):
+    out, _ = runs("sft")
+    model, tokenizer = base
+    before = [c for c, _ in align.pair_logprobs(model, tokenizer, toy_prefs())]
+    after = [c for c, _ in align.pair_logprobs(adapted(tiny_dir, out), tokenizer, toy_prefs())]
+    assert mean(after) > mean(before) + 1.0, (mean(before), mean(after))
+    losses = align.history(align.read_log(out), "loss")
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------- artefacts
+
+def test_train_log_has_the_reward_history(runs, tiny_dir):
+    out, _ = runs("dpo")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "train_log.json"]
+    log_ = align.read_log(out)
+    for key in ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies"):
+        assert len(align.history(log_, key)) >= 30, key
+    assert align.history(log_, "eval_rewards/margins"), "eval_prefs are evaluated every epoch"
+    assert log_["n_pairs"] == 16 and log_["n_eval_pairs"] == 4 and log_["pairs_seen"] == 32
+    assert log_["config"] == toy_config("dpo").to_dict()
+    assert log_["data_hash"] == align.data_hash(toy_prefs())
+    assert log_["seconds_per_pair"] > 0 and log_["peak_rss_mb"] > 100 and log_["wall_seconds"] >= log_["train_seconds"]
+    assert log_["key"] == align.run_key(toy_config("dpo"), tiny_dir, toy_prefs())
+    assert log_["libraries"]["trl"]
+    logging.getLogger(__name__).info("DPO on the tiny model: %.4f s per pair (%d torch threads)",
+                                     log_["seconds_per_pair"], log_["torch_threads"])
+
+
+def test_a_rerun_with_the_same_key_skips_training(runs, tiny_dir, monkeypatch, caplog):
+    out, _ = runs("dpo")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("build_trainer called although the run is complete")
+
+    monkeypatch.setattr(align, "build_trainer", must_not_build)
+    relabelled = [dict(r, method="direct") for r in toy_prefs()]       # provenance is not training data
+    with caplog.at_level(logging.INFO, logger="wowlib.align"):
+        assert align.train(toy_config("dpo"), tiny_dir, relabelled, out, eval_prefs=toy_prefs(4, 100)) == out
+    assert "already trained" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # a different config, data or base model is a different key: training is attempted
+    for config, prefs in ((toy_config("dpo", seed=1), toy_prefs()), (toy_config("dpo"), toy_prefs(15))):
+        with pytest.raises(AssertionError, match="build_trainer called"):
+            align.train(config, tiny_dir, prefs, out)
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes   # the old run is intact
+    assert not list(out.parent.glob(f".{out.name}.tmp*"))
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny_dir, tmp_path, monkeypatch):
+    class Crashing:
+        def train(self):
+            (tmp_path / "started").touch()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(align, "build_trainer", lambda *a, **k: Crashing())
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        align.train(toy_config("dpo"), tiny_dir, toy_prefs(), out)
+    assert (tmp_path / "started").exists() and not out.exists()
+    assert not list(tmp_path.glob(".model.tmp*"))
+    out.mkdir()                                       # a half adapter (no log) is not a trained run
+    (out / "adapter_config.json").write_text("{}")
+    assert not align.is_trained(out, align.run_key(toy_config("dpo"), tiny_dir, toy_prefs()))
+
+
+def test_training_is_reproducible(runs, tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    first, _ = runs("simpo")
+    second = align.train(toy_config("simpo"), tiny_dir, toy_prefs(), tmp_path / "again")
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert align.history(align.read_log(first), "loss") == pytest.approx(
+        align.history(align.read_log(second), "loss"), abs=1e-5)
+
+
+def test_config_round_trips_through_the_log(runs):
+    out, _ = runs("orpo")
+    assert AlignConfig(**align.read_log(out)["config"]) == toy_config("orpo")
+    assert dataclasses.asdict(toy_config("orpo"))["target_modules"] == align.PROJECTIONS
