@@ -127,6 +127,8 @@ def parse_letter(text: str, n_options: int) -> int | None:
     text = normalise_text(text)
     if not text or _NONE.match(text):
         return None
+    if re.fullmatch(r"[a-z]\.?", text):   # a reply that is only a lowercase letter ("b", "b.")
+        text = text.upper()
     match = _MC_PATTERN.search(text)
     if not match:
         return None
