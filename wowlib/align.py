@@ -404,6 +404,10 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
         log.info("training %s on %d pairs from %s -> %s", config.tag, n_pairs, model_dir, out_dir)
         start = time.perf_counter()
         trainer = build_trainer(config, model_dir, prefs, eval_prefs, output_dir=tmp / "_trainer")
+        n_used = len(trainer.train_dataset)
+        if n_used < n_pairs:    # trl drops pairs whose prompt alone fills max_length
+            log.warning("%s: %d of %d pairs dropped by the trainer (prompt longer than max_length=%s)",
+                        out_dir.name, n_pairs - n_used, n_pairs, config.max_length)
         train_start = time.perf_counter()
         result = trainer.train()
         train_seconds = time.perf_counter() - train_start
@@ -417,7 +421,7 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
         pairs_seen = state.global_step * config.per_device_train_batch_size * config.gradient_accumulation_steps
         store.write_json(tmp / LOG_FILE, {
             "key": key, "config": config.to_dict(), "base_model": str(model_dir),
-            "base_model_identity": model_identity(model_dir), "data_hash": data_hash(prefs), "n_pairs": n_pairs,
+            "base_model_identity": model_identity(model_dir), "data_hash": data_hash(prefs), "n_pairs": n_pairs, "n_pairs_trained": n_used,
             "n_eval_pairs": len(pair_records(eval_prefs)) if eval_prefs is not None else 0,
             "device": resolve_device(config), "torch_threads": _torch_threads(),
             "global_steps": state.global_step, "pairs_seen": pairs_seen,
@@ -443,6 +447,107 @@ def read_log(out_dir: Path) -> dict:
 def history(train_log: dict, metric: str) -> list[float]:
     """One logged metric over the training steps (e.g. ``"rewards/margins"``)."""
     return [entry[metric] for entry in train_log["history"] if metric in entry]
+
+
+# ---------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class AlignJob:
+    """One adapter to train: a preference set (``prefs/<prefs>.jsonl``) and a config."""
+
+    prefs: str
+    config: AlignConfig
+
+    @property
+    def model(self) -> str:
+        """The adapter's name under ``models/``."""
+        return f"{self.prefs}--{self.config.tag}"
+
+
+def plan_jobs(pref_sets: Sequence[dict], configs: Sequence[AlignConfig]) -> list[AlignJob]:
+    """Every preference set (rows of ``prefs.build_sets``) x every config. The SFT-on-wrong
+    control trains with the ``sft`` trainer (once per distinct config), whatever ``configs`` say;
+    an empty set is skipped with a warning (there is nothing to learn from)."""
+    jobs: dict[str, AlignJob] = {}
+    for row in pref_sets:
+        if not row["kept"]:
+            log.warning("preference set %s is empty: no adapter trained", row["name"])
+            continue
+        for config in configs:
+            if row["type"] == "sft_wrong":
+                config = dataclasses.replace(config, trainer="sft")
+            job = AlignJob(row["name"], config)
+            jobs.setdefault(job.model, job)
+    return list(jobs.values())
+
+
+def plan_cost(jobs: Sequence[AlignJob], pref_sets: Sequence[dict], seconds_per_pair: float) -> dict[str, Any]:
+    """Steps and an estimated time for ``jobs`` (``seconds_per_pair``: measured, per model)."""
+    kept = {row["name"]: row["kept"] for row in pref_sets}
+    steps = 0
+    for job in jobs:
+        c = job.config
+        per_epoch = -(-kept[job.prefs] // (c.per_device_train_batch_size * c.gradient_accumulation_steps))
+        steps += c.max_steps if c.max_steps > 0 else int(per_epoch * c.num_train_epochs)
+    return {"adapters": len(jobs), "optimizer_steps": steps,
+            "minutes_estimate": round(steps * seconds_per_pair / 60, 1)}
+
+
+def job_metadata(run: store.Run, job: AlignJob) -> dict[str, Any]:
+    """Provenance of an adapter for the tables: preference type, trainer, source, judge, the task
+    it was trained on and the elicitation row behind its labels (Figure 2)."""
+    from .prefs import PrefSpec, elicitation_key
+    spec_dict = store.read_json(run.prefs(job.prefs).with_suffix(".stats.json"))["spec"]
+    spec = PrefSpec(**{**spec_dict, "tasks": tuple(spec_dict["tasks"])})
+    key = elicitation_key(spec)
+    return {"model": job.model, "prefs": job.prefs, "preference": spec.type, "trainer": job.config.trainer,
+            "source": spec.source, "judge": spec.judge, "train_task": "+".join(spec.tasks),
+            "config": job.config.tag, "elicitation_method": key[0] if key else None,
+            "elicitation_judge": key[1] if key else None, "elicitation_margin": key[2] if key else None}
+
+
+def run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob]) -> list[dict[str, Any]]:
+    """Train every job's adapter into ``models/<job.model>/`` (a trained one with the same
+    content key is reused) and write ``models/summary.csv``; returns its rows."""
+    from .llm.models import model_path
+    from .prefs import load
+    model_dir = model_path(base_model)
+    rows = []
+    for k, job in enumerate(jobs, 1):
+        log.info("[%d/%d] %s", k, len(jobs), job.model)
+        out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model))
+        train_log = read_log(out)
+        margins, accuracies = history(train_log, "rewards/margins"), history(train_log, "rewards/accuracies")
+        rows.append({**job_metadata(run, job), "base_model": base_model, "n_pairs": train_log["n_pairs"],
+                     "steps": train_log["global_steps"], "train_seconds": train_log["train_seconds"],
+                     "train_loss": train_log["train_loss"], "final_margin": margins[-1] if margins else None,
+                     "final_accuracy": accuracies[-1] if accuracies else None})
+    store.write_csv(run.root / "models" / "summary.csv", rows)
+    return rows
+
+
+def loss_shapes(margins: Sequence[float], beta: float = 0.1):
+    """The per-pair loss of the DPO family as a function of the policy's log-ratio margin
+    h = log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x) (trl's formulas), for the
+    notebook's picture: dpo = -log sigmoid(beta h), rso = max(0, 1 - beta h), ipo = (h - 1/(2 beta))^2."""
+    import numpy as np
+    import pandas as pd
+    h = np.asarray(margins, dtype=float)
+    losses = {"dpo (sigmoid)": np.logaddexp(0.0, -beta * h), "rso (hinge)": np.maximum(0.0, 1 - beta * h),
+              "ipo": (h - 1 / (2 * beta)) ** 2}
+    return pd.DataFrame([{"margin": m, "trainer": name, "loss": v} for name, values in losses.items()
+                         for m, v in zip(h, values)])
+
+
+def curves(run: store.Run, models: Sequence[str], metrics: Sequence[str] = ("loss", "rewards/margins")):
+    """Long table of the logged training curves of ``models`` (for plots): model, step, metric, value."""
+    import pandas as pd
+    rows = []
+    for name in models:
+        for entry in read_log(run.model(name))["history"]:
+            rows += [{"model": name, "step": entry.get("step"), "metric": m, "value": entry[m]}
+                     for m in metrics if m in entry]
+    return pd.DataFrame(rows, columns=["model", "step", "metric", "value"])
 
 
 def _torch_threads() -> int:
@@ -489,3 +594,172 @@ def pair_logprobs(model, tokenizer, prefs: Iterable[dict] | Any) -> list[tuple[f
                 scores.append(token_logps[len(prompt_ids) - 1:].sum().item())
             out.append((scores[0], scores[1]))
     return out
+
+
+# ---------------------------------------------------------------------------- entry point
+#
+# ``python -m wowlib.align --config cfg.yaml`` trains one adapter outside the notebook, e.g. on
+# GPUs with ``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m wowlib.align
+# --config configs/align_example.yaml``; notebook 03 calls the same ``train`` in-process. The YAML:
+#
+#     base_model: tiny                  # a named model (wowlib.llm.models) or a checkpoint directory
+#     prefs: runs/cpu/prefs/self-oracle-kc.jsonl
+#     out_dir: runs/cpu/models/self-oracle-kc--cli
+#     align: {trainer: dpo, learning_rate: 5.0e-5, max_steps: -1}     # AlignConfig fields
+#
+# Relative paths are taken from the repository root (as everywhere in wowlib), never the cwd.
+# Precision follows ``build_trainer``: bf16 only on a CUDA device that supports it, fp32 on CPU
+# (the accelerate configs say the same); 4-/8-bit loading is not offered by ``build_trainer``.
+
+CLI_KEYS = ("base_model", "prefs", "out_dir", "align")
+
+
+class CLIConfigError(ValueError):
+    """A bad entry in the entry point's YAML; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CLIJob:
+    config: AlignConfig
+    base_model: str
+    prefs: Path
+    out_dir: Path
+
+
+def _cli_path(value: Any, key: str) -> Path:
+    from .paths import REPO_ROOT
+    if not isinstance(value, str) or not value.strip():
+        raise CLIConfigError(f"{key}: must be a path (a non-empty string), got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def load_cli_config(path: str | Path) -> CLIJob:
+    """The entry point's YAML, checked; every error names the offending key."""
+    import yaml
+    path = Path(path)
+    if not path.exists():
+        raise CLIConfigError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CLIConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise CLIConfigError(f"{path}: must be a mapping with keys {list(CLI_KEYS)}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(CLI_KEYS))
+    if unknown:
+        raise CLIConfigError(f"{unknown[0]}: unknown key (known keys: {list(CLI_KEYS)})")
+    for key in ("base_model", "prefs", "out_dir"):
+        if data.get(key) in (None, ""):
+            raise CLIConfigError(f"{key}: missing (required keys: base_model, prefs, out_dir)")
+    base_model = data["base_model"]
+    if not isinstance(base_model, str):
+        raise CLIConfigError(f"base_model: must be a model name or a checkpoint directory, got {base_model!r}")
+    fields = {f.name for f in dataclasses.fields(AlignConfig)}
+    align_cfg = data.get("align") or {}
+    if not isinstance(align_cfg, dict):
+        raise CLIConfigError(f"align: must be a mapping of AlignConfig fields, got {align_cfg!r}")
+    bad = sorted(set(align_cfg) - fields)
+    if bad:
+        raise CLIConfigError(f"align.{bad[0]}: unknown AlignConfig field (fields: {sorted(fields)})")
+    try:
+        config = AlignConfig(**align_cfg)
+    except ValueError as err:                    # "AlignConfig.<field>: <why>" -> "align.<field>: <why>"
+        raise CLIConfigError(str(err).replace("AlignConfig.", "align.", 1)) from None
+    prefs = _cli_path(data["prefs"], "prefs")
+    if not prefs.is_file():
+        raise CLIConfigError(f"prefs: no such file: {prefs}")
+    return CLIJob(config, base_model, prefs, _cli_path(data["out_dir"], "out_dir"))
+
+
+def _cli_model_dir(base_model: str) -> str | Path:
+    from .llm.models import MODELS, model_path
+    if base_model in MODELS:
+        return model_path(base_model)
+    directory = _cli_path(base_model, "base_model")
+    if (directory / "config.json").exists():
+        return directory
+    raise CLIConfigError(f"base_model: {base_model!r} is neither a named model ({', '.join(sorted(MODELS))}) "
+                         "nor a checkpoint directory with a config.json")
+
+
+def launch_problem(env: dict[str, str] | None = None) -> str | None:
+    """Why the ``accelerate launch`` settings in ``env`` cannot run ``train`` (None: they can).
+
+    ``train`` saves the adapter with ``save_pretrained`` on the process that trained it: right
+    for one process and for DDP (every rank holds the full adapter; only rank 0 writes
+    ``out_dir``), wrong for DeepSpeed ZeRO-3 and FSDP, whose ranks hold parameter shards. Mixed
+    precision is decided by ``build_trainer`` (bf16 on a CUDA device that supports it, fp32 on
+    CPU), so a launcher-level ``mixed_precision`` would override it: it must be ``no``."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
+            env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"):
+        return ("FSDP / DeepSpeed ZeRO-3 shard the parameters, and train() saves the adapter with "
+                "save_pretrained on each rank (it would save empty shards); use single_gpu.yaml or "
+                "multi_gpu_ddp.yaml until train() saves through trainer.save_model()")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        return (f"mixed_precision={precision}: wowlib chooses the precision itself (bf16 on a CUDA device "
+                "that supports it, fp32 on CPU); launch with --mixed_precision no (as configs/accelerate/*.yaml)")
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    """``python -m wowlib.align --config cfg.yaml [--check]``: train (or, with ``--check``, only
+    validate) the adapter the YAML describes; returns the adapter directory.
+
+    Under ``accelerate launch`` with several processes (DDP), every rank trains (gradients are
+    synchronised by the trainer) and only rank 0 writes ``out_dir``; the other ranks save into
+    a scratch directory beside it that is removed afterwards."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m wowlib.align",
+                                     description="Train one LoRA adapter on a preference set (wowlib.align.train).")
+    parser.add_argument("--config", required=True, help="YAML with base_model, prefs, out_dir and align")
+    parser.add_argument("--check", action="store_true", help="validate the config and the data, do not train")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        job = load_cli_config(args.config)
+        prefs = store.read_jsonl(job.prefs)
+        try:
+            pair_records(prefs)
+        except ValueError as err:
+            raise CLIConfigError(f"prefs: {job.prefs}: {err}") from None
+        problem = launch_problem()
+        if problem:
+            raise CLIConfigError(f"accelerate launch: {problem}")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and job.config.trainer in DPO_LOSSES and job.config.precompute_ref_log_probs:
+            raise CLIConfigError(
+                f"align.precompute_ref_log_probs: must be false with {world_size} processes (trl 1.16 "
+                "precomputes the reference log-probs into a per-process temporary file that the other ranks "
+                "cannot open); the reference is then computed on the fly (adapter disabled)")
+        model_dir = _cli_model_dir(job.base_model)
+    except CLIConfigError as err:
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("%s: %s on %d pairs from %s (%s) -> %s", args.config, job.config.tag, len(prefs), job.prefs,
+             job.base_model, job.out_dir)
+    if args.check:
+        return None
+    if is_trained(job.out_dir, run_key(job.config, model_dir, prefs)):     # the same answer on every rank
+        log.info("%s: already trained with this config, data and base model", job.out_dir)
+        return job.out_dir
+    if rank == 0:
+        out = train(job.config, model_dir, prefs, job.out_dir)
+        log.info("adapter and %s in %s", LOG_FILE, out)
+        return out
+    scratch = job.out_dir.with_name(f".{job.out_dir.name}.rank{rank}")
+    try:
+        train(job.config, model_dir, prefs, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import store
+
 log = logging.getLogger(__name__)
 
 N_BINS = 10                     # paper: 10 equal-width bins
@@ -639,8 +641,151 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ============================================================================ generation
-# ANSWERING THE TEST SPLIT (left to the lead): the function that makes the original and the
-# aligned models answer D_val / D_test with the Phase 1 protocol (wowlib.sample.answer_questions)
-# and writes eval/<model>/<task>.jsonl goes here. Everything above only reads those records.
-# ============================================================================
+# ---------------------------------------------------------------------------- the stage
+
+ORIGINAL = "original"            # the preference column of the un-aligned model
+# Generalisation pairs that exist here (paper: COM2 -> HellaSwag is not reproducible, no COM2
+# data; NLGraph shortest path -> max flow is).
+GENERALISATION = {"nlgraph_shortest_path": ("nlgraph_flow",), "kc": ("mmlu_pro",)}
+GROUP = ("task", "prefs", "trainer")   # selection groups: one winner per preference set x trainer
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Knobs of the evaluation: the Phase 1 protocol on D_val and D_test (paper values in comments)."""
+
+    base_model: str = "smollm2-135m"
+    splits: tuple[str, ...] = ("val", "test")
+    n_questions: int | None = 20          # per task and split; paper: all (~60)
+    n_samples: int = 10                   # paper: 10
+    temperature: float = 1.0              # paper: 1.0
+    max_new_tokens: int = 256
+    extract_max_new_tokens: int = 32      # paper: 32, greedy
+    seed: int = 0                         # the same seed for every model: same option orders
+    generalisation: Mapping[str, Sequence[str]] | None = None   # train task -> unseen tasks
+    task_options: Mapping[str, dict] | None = None
+    n_resamples: int = N_RESAMPLES
+
+    def tasks_for(self, train_task: str) -> list[str]:
+        """The tasks a model trained on ``train_task`` ("a+b" for several) is evaluated on."""
+        own = train_task.split("+")
+        extra = [t for own_task in own for t in (self.generalisation or {}).get(own_task, ())]
+        return list(dict.fromkeys(own + extra))
+
+
+def answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks: Sequence[str]) -> list[dict]:
+    """One model (the base model, or the base model with an adapter) answers D_val and D_test of
+    ``tasks`` with the Phase 1 protocol; writes ``eval/<label>/<task>.jsonl`` (cached calls, so a
+    rerun or an interrupted run costs nothing twice) and returns the records."""
+    from .llm.base import Decoding
+    from .llm.cache import CachedLLM
+    from .llm.models import load_llm
+    from .sample import answer_questions
+    from .tasks import get_task
+    decoding = Decoding(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+    extraction = Decoding(temperature=0.0, max_new_tokens=config.extract_max_new_tokens)
+    llm = None
+    records = []
+    for name in tasks:
+        path = run.eval(label, name)
+        params = {**asdict(config), "model": label, "adapter": adapter, "task": name}
+        params.pop("n_resamples")
+        done = _manifest_params(path.parent, name)
+        if path.exists() and done == store.content_hash(params):
+            records += store.read_jsonl(path)
+            continue
+        llm = llm or CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
+        task = get_task(name, **(config.task_options or {}).get(name, {}))
+        task_records = []
+        for split in config.splits:
+            questions = task.questions(split, config.n_questions)
+            task_records += answer_questions(llm, task, questions, config.n_samples, decoding, extraction,
+                                             config.seed, split)
+        for r in task_records:
+            r["generator"] = label
+        store.write_jsonl(path, task_records)
+        store.write_manifest(path.parent, "evaluate", {**params, "hash": store.content_hash(params)},
+                             {"model": llm.key}, [path], entry=name)
+        records += task_records
+    return records
+
+
+def _manifest_params(directory, entry: str) -> str | None:
+    path = directory / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return store.read_json(path)["entries"][entry]["params"]["hash"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def run_evaluation(run, config: EvalConfig, models: Sequence[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Evaluate the original model and every adapter of ``models`` (rows of
+    ``models/summary.csv``), select each group's config on D_val, and write the eval tables
+    (``eval/metrics.csv``, ``selection.csv``, ``improvements.csv``, ``table2-4``, ``controls``,
+    ``reliability.csv``, ``models.csv``). Returns them by name."""
+    meta_cols = ("model", "prefs", "preference", "trainer", "source", "judge", "train_task", "config",
+                 "elicitation_method", "elicitation_judge", "elicitation_margin")
+    train_tasks = list(dict.fromkeys(m["train_task"] for m in models)) or []
+    eval_tasks = list(dict.fromkeys(t for tt in train_tasks for t in config.tasks_for(tt)))
+    original_meta = {k: None for k in meta_cols} | {"model": config.base_model, "preference": ORIGINAL}
+    entries = [(original_meta, answer_split(run, config, config.base_model, None, eval_tasks))]
+    for k, m in enumerate(models, 1):
+        log.info("[%d/%d] evaluating %s", k, len(models), m["model"])
+        meta = {c: m.get(c) for c in meta_cols}
+        records = answer_split(run, config, m["model"], str(run.model(m["model"])), config.tasks_for(m["train_task"]))
+        entries.append((meta, records))
+    per_split = [(meta, [r for r in recs if r["split"] == split]) for meta, recs in entries for split in config.splits]
+    metrics = metrics_table(per_split, n_resamples=config.n_resamples, seed=config.seed)
+    tables = {"metrics": metrics, "models": pd.DataFrame([meta for meta, _ in entries])}
+    tables.update(_selected_comparisons(entries, metrics, config))
+    for name, table in tables.items():
+        store.write_csv(run.eval_dir / f"{name}.csv", table.to_dict("records"), list(table.columns))
+        if name in ("table2", "table3", "table4", "controls"):
+            (run.eval_dir / f"{name}.md").write_text(to_markdown(format_table(table)))
+    return tables
+
+
+def _selected_comparisons(entries, metrics: pd.DataFrame, config: EvalConfig) -> dict[str, pd.DataFrame]:
+    """The paper's selection (best D_val mean proxy on the training task per preference set x
+    trainer), then the selected adapters' improvements on D_test with paired CIs."""
+    aligned = metrics[(metrics["preference"] != ORIGINAL) & (metrics["task"] == metrics["train_task"])]
+    if aligned.empty:
+        return {}
+    selection = select_configs(aligned, group_by=list(GROUP))
+    winners = {(r.prefs, r.trainer, r.config) for r in selected(selection).itertuples()}
+    test = "test"
+    original = [r for r in entries[0][1] if r["split"] == test]
+    comparisons = [Comparison(meta["model"], {k: v for k, v in meta.items() if k != "model"}, original,
+                              [r for r in recs if r["split"] == test])
+                   for meta, recs in entries[1:] if (meta["prefs"], meta["trainer"], meta["config"]) in winners]
+    rows = improvement_rows(comparisons, n_resamples=config.n_resamples, seed=config.seed)
+    reliability = []
+    for meta, recs in [entries[0]] + [e for e in entries[1:] if e[0]["model"] in {c.label for c in comparisons}]:
+        for task, task_recs in split_by_task([r for r in recs if r["split"] == test]).items():
+            frame = reliability_table(task_recs)
+            frame.insert(0, "split", test)
+            frame.insert(0, "task", task)
+            frame.insert(0, "model", meta["model"])
+            reliability.append(frame)
+    return {"selection": selection, "improvements": rows, "table2": table2(rows), "table3": table3(rows),
+            "table4": table4(rows), "controls": control_table(rows),
+            "reliability": pd.concat(reliability, ignore_index=True)}
+
+
+def plan_cost(config: EvalConfig, models: Sequence[Mapping[str, Any]], tokens_per_second: float | None) -> dict:
+    """Calls and an upper bound on time before the evaluation starts."""
+    from .tasks import get_task
+    per_task = {}
+    calls = 0
+    every_task = "+".join(dict.fromkeys(t for model in models for t in model["train_task"].split("+")))
+    for train_task in [every_task] + [model["train_task"] for model in models]:
+        for name in config.tasks_for(train_task):
+            if name not in per_task:
+                splits = get_task(name, **(config.task_options or {}).get(name, {})).splits()
+                per_task[name] = sum(len(splits[s][:config.n_questions]) for s in config.splits)
+            calls += per_task[name] * config.n_samples
+    tokens = calls * (config.max_new_tokens + config.extract_max_new_tokens)
+    return {"models": len(models) + 1, "answer_calls": calls, "max_new_tokens_total": tokens,
+            "minutes_upper_bound": round(tokens / tokens_per_second / 60, 1) if tokens_per_second else None}

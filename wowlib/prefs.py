@@ -279,3 +279,52 @@ def load(run: store.Run, name: str) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"no preference dataset {name!r} at {path} (build it in notebook 03_align)")
     return store.read_jsonl(path)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def elicitation_key(spec: PrefSpec) -> tuple[str, str, float] | None:
+    """The row of ``elicitation/rows.csv`` (method, judge, margin) that measured how well the
+    labels of ``spec`` order WoW pairs, for Figure 2 (elicitation accuracy vs alignment gain).
+    None for labels that are not elicited (oracle, row, controls)."""
+    if spec.base not in ("direct", "score") or spec.type in CONTROLS:
+        return None
+    judge, _, mode = spec.judge.partition("-")
+    suffix = f"_{mode}" if mode else ""
+    if spec.base == "direct":
+        return f"pairwise{suffix}{'_consistent' if spec.filtered else ''}", judge, 1.0
+    return f"score{suffix}", judge, spec.top_p
+
+
+def run_records(run: store.Run, spec: PrefSpec, base_model: str) -> tuple[dict, dict]:
+    """The Phase 1 inputs of ``spec`` from the run directory: samples of ``base_model`` (source
+    "self") or of every generator in ``samples/`` (source "mix"), and every judgment file."""
+    from .sample import load_samples
+    generators = [base_model] if spec.source == "self" else \
+        sorted(p.name for p in (run.root / "samples").iterdir() if p.is_dir())
+    samples = {(g, t): load_samples(run, g, t) for g in generators for t in spec.tasks
+               if spec.source == "self" or run.samples(g, t).exists()}
+    judgments = {}
+    for path in sorted((run.root / "judgments").glob("*/*/*.jsonl")):
+        task, kind = path.name.removesuffix(".jsonl").rsplit(".", 1)
+        judgments[(path.parent.parent.name, path.parent.name, task, kind)] = store.read_jsonl(path)
+    return samples, judgments
+
+
+def build_sets(run: store.Run, specs: Sequence[PrefSpec], base_model: str) -> list[dict[str, Any]]:
+    """Build and write every preference dataset of ``specs`` (``prefs/<name>.jsonl`` +
+    ``.stats.json``) and ``prefs/summary.csv``; returns one summary row per set."""
+    rows = []
+    for spec in specs:
+        data, stats = build(spec, *run_records(run, spec, base_model))
+        write(run, spec, data, stats)
+        key = elicitation_key(spec)
+        rows.append({"name": spec.name, "type": spec.type, "source": spec.source, "judge": spec.judge,
+                     "tasks": "+".join(spec.tasks), "candidates": stats.candidates, "degenerate": stats.degenerate,
+                     "capped": stats.capped, "kept": stats.kept,
+                     "elicitation_method": key[0] if key else None, "elicitation_judge": key[1] if key else None,
+                     "elicitation_margin": key[2] if key else None})
+        log.info("preference set %s: %d pairs kept (%d candidates, %d degenerate)", spec.name, stats.kept,
+                 stats.candidates, stats.degenerate)
+    store.write_csv(run.root / "prefs" / "summary.csv", rows)
+    return rows
