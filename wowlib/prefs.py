@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from . import paths, store
-from .elicit import wow_pairs
+from .elicit import PROXY_TOL, is_wow_candidate, wow_pairs
 from .tasks import Task, get_task
+from .tasks.base import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ class PrefSpec:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        # A bare task name would otherwise be iterated letter by letter ("kc" -> "k_c").
+        object.__setattr__(self, "tasks", (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks))
+        if not self.tasks:
+            raise ValueError("a preference set needs at least one task")
         if self.type not in TYPES:
             raise ValueError(f"preference type must be one of {TYPES}, got {self.type!r}")
         if self.source not in ("self", "mix"):
@@ -57,6 +63,8 @@ class PrefSpec:
             raise ValueError(f"preference type {self.type!r} needs a judge")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cap < 1:
+            raise ValueError(f"cap must be a positive number of pairs, got {self.cap}")
 
     @property
     def base(self) -> str:
@@ -169,12 +177,17 @@ def score_pairs(task: Task, questions: dict, samples: Sequence[dict], judgments:
             for y in range(x + 1, len(keys)):
                 a, b = by_key[keys[x]], by_key[keys[y]]
                 gap = scores[keys[x]] - scores[keys[y]]
-                if gap == 0 or (task.graded and a["proxy"] == b["proxy"]):
+                if gap == 0 or (task.graded and not _graded_pair(a, b)):
                     continue
                 pair = _pair(task, questions, a, b, "score") if gap > 0 else _pair(task, questions, b, a, "score")
                 candidates.append((abs(gap), len(candidates), pair))
     candidates.sort(key=lambda c: (-c[0], c[1]))
-    return [pair for _, _, pair in candidates[:round(len(candidates) * top_p)]]
+    return [pair for _, _, pair in candidates[:int(len(candidates) * top_p)]]
+
+
+def _graded_pair(a: dict, b: dict) -> bool:
+    """Two wrong answers of a graded task form a WoW pair (as in ``elicit.wow_pairs``)."""
+    return is_wow_candidate(a) and is_wow_candidate(b) and abs(a["proxy"] - b["proxy"]) > PROXY_TOL
 
 
 def row_pairs(task: Task, questions: dict, samples: Sequence[dict]) -> list[dict]:
@@ -213,9 +226,10 @@ def build(spec: PrefSpec, samples: dict[tuple[str, str], list[dict]],
     pools = {k: _drop_degenerate(v, stats) for k, v in per_type.items()}
     stats.candidates = sum(len(v) for v in per_type.values())
     if "+" in spec.type:                      # 50:50 mix: equal numbers from each side
-        k = min(min(len(v) for v in pools.values()), spec.cap // 2)
-        stats.capped = sum(len(v) for v in pools.values()) - k * len(pools)
-        data = [p for kind in spec.type.split("+") for p in _sample(pools[kind], k, rng)]
+        kinds = spec.type.split("+")
+        k = min(min(len(pools.get(kind, [])) for kind in kinds), spec.cap // 2)
+        stats.capped = sum(len(v) for v in pools.values()) - k * len(kinds)
+        data = [p for kind in kinds for p in _sample(pools.get(kind, []), k, rng)]
     else:
         pool = pools.get(spec.type, [])
         stats.capped = max(0, len(pool) - spec.cap)
@@ -233,7 +247,9 @@ def _pairs_of(kind: str, spec: PrefSpec, task: Task, questions: dict, records: l
     if kind in ("oracle", "sft_wrong"):
         return oracle_pairs(task, questions, records)
     if kind == "random":
-        return random_pairs(task, questions, records, spec.seed)
+        # one coin sequence per (generator, task): the same seed everywhere would flip the n-th
+        # pair of every generator and task alike
+        return random_pairs(task, questions, records, stable_seed("prefs-random", spec.seed, generator, task.name))
     if kind == "row":
         return row_pairs(task, questions, records)
     judge_kind = "pairwise" if kind == "direct" else "score"
@@ -289,8 +305,11 @@ def elicitation_key(spec: PrefSpec) -> tuple[str, str, float] | None:
     None for labels that are not elicited (oracle, row, controls)."""
     if spec.base not in ("direct", "score") or spec.type in CONTROLS:
         return None
-    judge, _, mode = spec.judge.partition("-")
-    suffix = f"_{mode}" if mode else ""
+    # The judge folder is "<judge>" (text mode) or "<judge>-logprob" (``judge.judge_folder``); judge
+    # names contain hyphens themselves ("smollm2-135m"), so only that suffix is split off.
+    judge, suffix = spec.judge, ""
+    if judge.endswith("-logprob"):
+        judge, suffix = judge.removesuffix("-logprob"), "_logprob"
     if spec.base == "direct":
         return f"pairwise{suffix}{'_consistent' if spec.filtered else ''}", judge, 1.0
     return f"score{suffix}", judge, spec.top_p
@@ -298,16 +317,20 @@ def elicitation_key(spec: PrefSpec) -> tuple[str, str, float] | None:
 
 def run_records(run: store.Run, spec: PrefSpec, base_model: str) -> tuple[dict, dict]:
     """The Phase 1 inputs of ``spec`` from the run directory: samples of ``base_model`` (source
-    "self") or of every generator in ``samples/`` (source "mix"), and every judgment file."""
+    "self") or of every generator in ``samples/`` (source "mix"), and the judgment files of
+    ``spec.judge`` on them that its type needs (only those are read)."""
     from .sample import load_samples
     generators = [base_model] if spec.source == "self" else \
         sorted(p.name for p in (run.root / "samples").iterdir() if p.is_dir())
     samples = {(g, t): load_samples(run, g, t) for g in generators for t in spec.tasks
                if spec.source == "self" or run.samples(g, t).exists()}
     judgments = {}
-    for path in sorted((run.root / "judgments").glob("*/*/*.jsonl")):
-        task, kind = path.name.removesuffix(".jsonl").rsplit(".", 1)
-        judgments[(path.parent.parent.name, path.parent.name, task, kind)] = store.read_jsonl(path)
+    kinds = {"direct": "pairwise", "score": "score"}
+    if spec.base in kinds and spec.type not in CONTROLS:
+        for generator, task in samples:
+            path = run.judgments(generator, spec.judge, task, kinds[spec.base])
+            if path.exists():
+                judgments[(generator, spec.judge, task, kinds[spec.base])] = store.read_jsonl(path)
     return samples, judgments
 
 
