@@ -120,7 +120,7 @@ def run_sampling(run: store.Run, config: SampleConfig, llm=None) -> list[dict]:
     manifest; returns one summary row per task."""
     from .llm.cache import CachedLLM
     from .llm.models import load_llm
-    llm = llm or CachedLLM(load_llm(config.generator), run.root / "cache")
+    llm = llm if llm is not None else CachedLLM(load_llm(config.generator), run.root / "cache")   # an empty CachedLLM is falsy
     summaries = []
     for name in config.tasks:
         task = get_task(name, **config.task_options.get(name, {}))

@@ -1,0 +1,240 @@
+"""Sharded runs: Phase 1 sampling split into independent jobs (e.g. a job array on a cluster),
+then merged into exactly the file an unsharded run writes.
+
+Shards are CONTIGUOUS question ranges of each task: with ``N`` questions and ``count`` shards,
+shard ``i`` gets questions ``[start_i, stop_i)``, the first ``N % count`` shards one question
+more than the others (as ``numpy.array_split``). Contiguous ranges make the merge a plain
+concatenation in shard order, which reproduces the unsharded record order (question by question,
+sample by sample) without re-sorting. The questions are the ones ``run_sampling`` would ask (the
+task's split, first ``n_questions``), so a shard never depends on another shard's output.
+
+Files, beside the unsharded ``samples/<generator>/<task>.jsonl``:
+
+- ``<task>.shard-<i>-of-<n>.jsonl``: the records of shard ``i`` (``i`` counts from 0), written
+  with ``store.write_jsonl`` like the unsharded file;
+- ``<task>.shard-<i>-of-<n>.json``: its sidecar (question range and ids, parameters, model key,
+  the shard file's sha256): what the merge checks before it trusts a shard.
+
+Each shard keeps its own call cache, ``cache/shard-<i>-of-<n>/``: shard jobs that share one run
+directory (a network file system) never append to the same cache file, and run directories
+gathered from separate machines never collide. A rerun of a shard skips when its file and
+sidecar are complete; with ``force=True`` it recomputes through its cache (no model calls twice).
+
+``merge_samples`` writes the unsharded file with the same bytes as ``run_sampling`` (same
+records, same order, same ``store.write_jsonl``) and its manifest entry, given the same answer
+per request. The hf backend seeds each request's sampling on its own, so the sampled TEXT does
+not depend on which shard asked, but a shard batches fewer requests together than the unsharded
+run, and log-probs carry floating-point noise from the batch's shape: ~3e-7 in ``mean_logprob``
+on the tiny model in fp32 (measured; tests/test_shard.py). Decoding one request per batch
+(``HFOptions(max_batch=1)``) removes it and makes the merge byte-identical; in bf16 on a GPU the
+noise can, rarely, flip a sampled token, exactly as changing the batch size of an unsharded run
+would.
+
+Judging and evaluation can shard the same way (see ``shard_path``/``write_shard``/``merge_shards``,
+which are generic over any JSONL output): evaluation by (split, question range) through
+``sample.answer_questions``; judging by the question range of the pairs kept AFTER the global
+pair cap, so that a shard judges exactly the pairs the unsharded run would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (from 0) of ``count``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        for name in ("index", "count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Shard.{name} must be an integer, got {value!r}")
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"a shard needs count >= 1 and 0 <= index < count, got index {self.index}, "
+                             f"count {self.count}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Shard:
+        """``"2/8"``: shard 2 (from 0) of 8."""
+        match = _SPEC.match(spec)
+        if not match:
+            raise ValueError(f"a shard is written 'index/count' (index from 0), got {spec!r}")
+        return cls(int(match[1]), int(match[2]))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Shard:
+        """The shard of this job: ``WOW_SHARD="i/n"``, or a Slurm job array (``SLURM_ARRAY_TASK_ID``
+        counted from ``SLURM_ARRAY_TASK_MIN``, ``SLURM_ARRAY_TASK_COUNT`` shards, so ``--array=0-7``
+        and ``--array=1-8`` both give shards 0..7 of 8); ``0/1`` when neither is set."""
+        env = os.environ if environ is None else environ
+        if env.get("WOW_SHARD"):
+            return cls.parse(env["WOW_SHARD"])
+        if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_TASK_COUNT"):
+            first = int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
+            return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+        return cls(0, 1)
+
+    @property
+    def tag(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """``[start, stop)`` of this shard among ``n`` items (balanced, contiguous)."""
+        size, extra = divmod(n, self.count)
+        start = self.index * size + min(self.index, extra)
+        return start, start + size + (self.index < extra)
+
+    def select(self, items: Sequence[T]) -> list[T]:
+        start, stop = self.bounds(len(items))
+        return list(items[start:stop])
+
+
+# ---------------------------------------------------------------------------- generic shard files
+
+def shard_path(path: Path, shard: Shard) -> Path:
+    """``x/kc.jsonl`` -> ``x/kc.shard-0-of-2.jsonl``."""
+    return path.with_name(f"{path.stem}.{shard.tag}{path.suffix}")
+
+
+def sidecar_path(path: Path, shard: Shard) -> Path:
+    return shard_path(path, shard).with_suffix(".json")
+
+
+def write_shard(path: Path, shard: Shard, records: Sequence[dict], meta: dict[str, Any]) -> Path:
+    """Write one shard's records (``store.write_jsonl``) and then its sidecar (``meta`` + shard,
+    record count, file hash). The sidecar is written last: a shard without one is incomplete."""
+    target = shard_path(path, shard)
+    store.write_jsonl(target, records)
+    store.write_json(sidecar_path(path, shard), {**meta, "shard": {"index": shard.index, "count": shard.count},
+                                                 "n_records": len(records), "sha256": store.file_sha256(target)})
+    return target
+
+
+def shard_complete(path: Path, shard: Shard, meta: dict[str, Any]) -> bool:
+    """Whether the shard's file and sidecar exist, agree with each other and with ``meta``."""
+    target, side = shard_path(path, shard), sidecar_path(path, shard)
+    if not target.exists() or not side.exists():
+        return False
+    try:
+        info = store.read_json(side)
+    except (ValueError, OSError):
+        return False
+    return (all(info.get(k) == v for k, v in meta.items())
+            and info.get("sha256") == store.file_sha256(target))
+
+
+def merge_shards(path: Path, count: int, agree: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
+    """The records of shards ``0..count-1`` of ``path`` concatenated in shard order, and their
+    sidecars, after checking that every shard is present and complete, that the sidecars agree on
+    the ``agree`` keys, and that their ``range`` entries tile ``[0, n_items)`` in order."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    shards = [Shard(i, count) for i in range(count)]
+    missing = [shard_path(path, s) for s in shards if not shard_path(path, s).exists()]
+    missing += [sidecar_path(path, s) for s in shards
+                if shard_path(path, s).exists() and not sidecar_path(path, s).exists()]
+    if missing:
+        names = ", ".join(p.name for p in missing)
+        raise FileNotFoundError(f"cannot merge {path.name} from {count} shards: missing {names} in {path.parent} "
+                                "(run those shards, or wait for them to finish)")
+    records: list[dict] = []
+    sidecars: list[dict] = []
+    covered = 0
+    for s in shards:
+        target, info = shard_path(path, s), store.read_json(sidecar_path(path, s))
+        if info.get("shard") != {"index": s.index, "count": s.count}:
+            raise ValueError(f"{sidecar_path(path, s).name}: describes shard {info.get('shard')}, not {s.tag}")
+        if info.get("sha256") != store.file_sha256(target):
+            raise ValueError(f"{target.name}: does not match its sidecar (changed or partly written): rerun {s.tag}")
+        first = sidecars[0] if sidecars else info
+        for key in (*agree, "n_items"):
+            if info.get(key) != first.get(key):
+                raise ValueError(f"{target.name}: {key!r} differs from shard 0's; all shards of a merge must come "
+                                 "from one configuration")
+        start, stop = info.get("range") or (None, None)
+        if start != covered:
+            raise ValueError(f"{target.name}: covers items {start}..{stop}, expected to start at item {covered}")
+        covered = stop
+        shard_records = store.read_jsonl(target)
+        if len(shard_records) != info.get("n_records"):
+            raise ValueError(f"{target.name}: {len(shard_records)} records, its sidecar says {info.get('n_records')}")
+        records += shard_records
+        sidecars.append(info)
+    if covered != sidecars[0].get("n_items"):
+        raise ValueError(f"{path.name}: the shards cover {covered} of {sidecars[0].get('n_items')} items")
+    return records, sidecars
+
+
+# ---------------------------------------------------------------------------- Phase 1 sampling
+
+def _task_params(config, name: str) -> dict[str, Any]:
+    """The parameters ``run_sampling`` records for one task (its manifest entry), as JSON reads them."""
+    params = {**asdict(config), "tasks": [name], "task_options": config.task_options.get(name, {})}
+    return json.loads(json.dumps(params))
+
+
+def run_sampling_shard(run: store.Run, config, shard: Shard, llm=None, force: bool = False) -> list[dict[str, Any]]:
+    """Phase 1 for shard ``shard`` of every task of ``config`` (a ``sample.SampleConfig``): writes
+    ``samples/<generator>/<task>.shard-<i>-of-<n>.jsonl`` (+ sidecar); returns one summary row per
+    task (for this shard's questions). ``llm``: a ``CachedLLM`` (default: the generator behind
+    the shard's own cache, ``cache/shard-<i>-of-<n>/``)."""
+    from .sample import answer_questions, summarise
+    from .tasks import get_task
+    summaries = []
+    for name in config.tasks:
+        path = run.samples(config.generator, name)
+        task = get_task(name, **config.task_options.get(name, {}))
+        items = task.splits()[config.split][:config.n_questions]
+        start, stop = shard.bounds(len(items))
+        meta = {"params": _task_params(config, name), "range": [start, stop], "n_items": len(items),
+                "question_ids": [q.qid for q in items[start:stop]]}
+        if not force and shard_complete(path, shard, meta):
+            log.info("%s/%s %s: complete, skipped", config.generator, name, shard.tag)
+            summaries.append({**summarise(store.read_jsonl(shard_path(path, shard))), "shard": shard.tag})
+            continue
+        if llm is None:
+            from .llm.cache import CachedLLM
+            from .llm.models import load_llm
+            llm = CachedLLM(load_llm(config.generator), run.root / "cache" / shard.tag)
+        questions = task.materialise(items[start:stop])
+        records = answer_questions(llm, task, questions, config.n_samples, config.decoding, config.extraction,
+                                   config.seed, config.split) if questions else []
+        write_shard(path, shard, records, {**meta, "generator_key": llm.key})
+        summaries.append({**summarise(records), "shard": shard.tag})
+        log.info("%s/%s %s: questions %d..%d, %d records", config.generator, name, shard.tag, start, stop, len(records))
+    return summaries
+
+
+def merge_samples(run: store.Run, generator: str, task: str, count: int) -> Path:
+    """Merge the ``count`` shards of ``samples/<generator>/<task>`` into the unsharded file (the
+    bytes ``run_sampling`` writes) and its manifest entry; returns the file's path. A missing or
+    incomplete shard is an error that names it."""
+    path = run.samples(generator, task)
+    records, sidecars = merge_shards(path, count, agree=("params", "generator_key"))
+    store.write_jsonl(path, records)
+    store.write_manifest(path.parent, "sample", sidecars[0]["params"], {"generator": sidecars[0]["generator_key"]},
+                         [path], entry=task)
+    log.info("%s/%s: merged %d shards, %d records", generator, task, count, len(records))
+    return path
+
+
+def merge_all_samples(run: store.Run, config, count: int) -> list[Path]:
+    """``merge_samples`` for every task of ``config``."""
+    return [merge_samples(run, config.generator, name, count) for name in config.tasks]
