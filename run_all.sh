@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every table and figure: set up if needed, then run notebooks 01..05 headlessly.
-#   ./run_all.sh [profile]     profile = smoke | cpu (default) | paper   (configs/<profile>.yaml)
+#   ./run_all.sh [profile] [--dry-run]   profile = smoke | cpu (default) | paper   (configs/<profile>.yaml)
+#   --dry-run: validate the profile and print the planned calls, tokens and GPU-hours; run nothing.
 # Executed notebooks land in runs/<run>/notebooks/; a rerun reuses every cached call and adapter.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -8,10 +9,13 @@ profile=${1:-cpu}
 config=configs/$profile.yaml
 [ -f "$config" ] || { echo "run_all.sh: no profile '$profile' (expected $config)" >&2; exit 2; }
 ./setup.sh
+# A typo in a profile would be silently ignored by papermill: check every key and name first.
+if [ "${2:-}" = "--dry-run" ]; then exec .venv/bin/python -m wowlib.config "$config"; fi
+.venv/bin/python -m wowlib.config "$config" --check
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
 export PYTHONHASHSEED=0
 run=${WOW_RUN:-$(sed -n 's/^run: *//p' "$config")}
-out=runs/$run/notebooks
+out=${WOW_RUNS_DIR:-runs}/$run/notebooks
 mkdir -p "$out"
 stages=(01_sample_wrong 02_elicit 03_align 04_evaluate 05_figures)
 total_start=$(date +%s)

@@ -694,7 +694,8 @@ def answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks
         if path.exists() and done == store.content_hash(params):
             records += store.read_jsonl(path)
             continue
-        llm = llm or CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
+        if llm is None:
+            llm = CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
         task = get_task(name, **(config.task_options or {}).get(name, {}))
         task_records = []
         for split in config.splits:

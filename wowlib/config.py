@@ -1,0 +1,189 @@
+"""Run profiles (``configs/<profile>.yaml``): validation and a dry-run plan.
+
+A profile is a flat mapping of papermill parameters; every key must be a parameter of at least one
+notebook (a typo would otherwise be ignored by papermill) and have the type of its default. The
+dry run then checks the names a run will need (models, tasks, trainers, preference types) and
+prints what the run will cost: calls, generated tokens, training steps and a rough GPU-hour
+estimate, without loading a model.
+
+    python -m wowlib.config configs/paper.yaml          # validate and print the plan
+    python -m wowlib.config configs/cpu.yaml --check    # validate only (run_all.sh does this)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import paths
+
+NOTEBOOKS = ("01_sample_wrong", "02_elicit", "03_align", "04_evaluate", "05_figures")
+# Rough throughput for the GPU-hour estimate (stated assumptions, not measurements): an 8B model
+# on one A100-80GB with vLLM, batched sampling; LoRA DPO on ~600-token pairs.
+GPU_TOKENS_PER_SECOND = 2000.0
+GPU_SECONDS_PER_PAIR = 1.0
+PAPER_TRAIN_QUESTIONS = 500            # 625 sampled x 8:1:1; used when a dataset is not present
+
+
+class ProfileError(ValueError):
+    """A profile that cannot run; the message names the file and the key."""
+
+
+def notebook_parameters() -> dict[str, dict[str, Any]]:
+    """Each notebook's parameters cell as {name: default} (read from the committed notebooks)."""
+    out = {}
+    for name in NOTEBOOKS:
+        path = paths.REPO_ROOT / "notebooks" / f"{name}.ipynb"
+        if not path.exists():
+            continue
+        cells = json.loads(path.read_text())["cells"]
+        cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        tree = ast.parse("".join(cell["source"]))
+        out[name] = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+                     if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    return out
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """The profile's parameters, checked against the notebooks' parameter cells."""
+    path = Path(path)
+    if not path.exists():
+        raise ProfileError(f"{path}: no such profile")
+    try:
+        profile = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(profile, dict):
+        raise ProfileError(f"{path}: expected a mapping of parameter: value")
+    params = notebook_parameters()
+    for key, value in profile.items():
+        owners = [nb for nb, p in params.items() if key in p]
+        if not owners:
+            known = sorted({k for p in params.values() for k in p})
+            raise ProfileError(f"{path}: {key!r} is not a parameter of any notebook (known: {', '.join(known)})")
+        for nb in owners:
+            if not _same_type(value, params[nb][key]):
+                raise ProfileError(f"{path}: {key!r} = {value!r} should be like {params[nb][key]!r} "
+                                   f"(the default in notebooks/{nb}.ipynb)")
+    return profile
+
+
+def resolved(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """Every parameter a run will use: the notebooks' defaults overridden by the profile."""
+    merged: dict[str, Any] = {}
+    for p in notebook_parameters().values():
+        merged.update(p)
+    merged.update(profile)
+    return merged
+
+
+def check_names(p: Mapping[str, Any], where: str) -> None:
+    """Models, tasks, trainers and preference types exist (no model is loaded)."""
+    from .align import TRAINERS
+    from .llm.models import get_spec
+    from .prefs import TYPES
+    from .tasks.registry import task_names
+    for key in ("generator", "base_model"):
+        _model(p[key], f"{where}: {key}", get_spec)
+    for key in ("generators", "judges"):
+        for name in p[key]:
+            _model(name, f"{where}: {key}", get_spec)
+    for name in p["tasks"]:
+        if name not in task_names():
+            raise ProfileError(f"{where}: tasks: unknown task {name!r} (known: {', '.join(task_names())})")
+    for key, allowed in (("trainers", TRAINERS), ("preference_types", TYPES), ("controls", TYPES),
+                         ("sources", ("self", "mix")), ("pairwise_modes", ("logprob", "text")),
+                         ("score_modes", ("logprob", "text"))):
+        bad = [v for v in p[key] if v not in allowed]
+        if bad:
+            raise ProfileError(f"{where}: {key}: {bad} not in {list(allowed)}")
+    if p["judge_mode"] not in ("logprob", "text"):
+        raise ProfileError(f"{where}: judge_mode must be 'logprob' or 'text', got {p['judge_mode']!r}")
+
+
+def _model(name: str, where: str, get_spec) -> None:
+    if name.startswith("openai:"):
+        return
+    try:
+        get_spec(name)
+    except KeyError as e:
+        raise ProfileError(f"{where}: {e.args[0]}") from None
+
+
+def _train_questions(task: str, n: int | None) -> tuple[int, bool]:
+    """Questions per task in D_train (from the data when present, else the paper's ~500)."""
+    from .tasks import get_task
+    try:
+        available = len(get_task(task).splits()["train"])
+    except (FileNotFoundError, OSError, KeyError):
+        return (min(n, PAPER_TRAIN_QUESTIONS) if n else PAPER_TRAIN_QUESTIONS), False
+    return (min(n, available) if n else available), True
+
+
+def plan(p: Mapping[str, Any]) -> dict[str, Any]:
+    """Upper bounds on the work of a run (before any answer exists, WoW pairs are bounded by
+    every pair of samples)."""
+    q_train = {t: _train_questions(t, p["n_questions"]) for t in p["tasks"]}
+    q_eval = {t: max(1, (q + 7) // 8) if p["eval_n_questions"] is None else p["eval_n_questions"]
+              for t, (q, _) in q_train.items()}
+    n, gens, judges = p["n_samples"], len(p["generators"]), len(p["judges"])
+    answers = sum(q for q, _ in q_train.values()) * n * gens
+    pairs = sum(q for q, _ in q_train.values()) * math.comb(n, 2)
+    text_pairs = sum(min(q * math.comb(n, 2), p["text_cap"] or math.inf) for q, _ in q_train.values())
+    judge_calls = judges * gens * (2 * (pairs * ("logprob" in p["pairwise_modes"])
+                                        + text_pairs * ("text" in p["pairwise_modes"]))
+                                   + math.ceil(answers / gens / 5) * len(p["score_modes"]))
+    grid = (len(p["learning_rates"]) * len(p["lr_schedulers"]) * len(p["weight_decays"]) * len(p["epochs"])
+            * len(p["trainers"]))
+    sets_per_task = len(p["sources"]) * len(set(p["preference_types"]) | set(p["controls"]))
+    sets = len(p["tasks"]) * sets_per_task
+    steps = sets * grid * (p["max_pairs"] or 4000) * sum(p["epochs"]) / len(p["epochs"])
+    # each adapter answers its own task's D_val + D_test (the original model too), answer + extraction
+    eval_calls = sum((sets_per_task * grid + 1) * q * len(p["eval_splits"]) * n * 2 for q in q_eval.values())
+    gen_tokens = (answers + eval_calls) * (p["max_new_tokens"] + 32) + judge_calls * 64
+    return {
+        "tasks": {t: {"train_questions": q, "from_data": ok} for t, (q, ok) in q_train.items()},
+        "sampling_calls": 2 * answers, "judge_calls_upper_bound": judge_calls,
+        "preference_sets": sets, "adapters": sets * grid, "training_steps_upper_bound": int(steps),
+        "evaluation_calls": int(eval_calls), "generated_tokens_upper_bound": int(gen_tokens),
+        "gpu_hours_estimate": round((gen_tokens / GPU_TOKENS_PER_SECOND + steps * GPU_SECONDS_PER_PAIR) / 3600, 1),
+        "assumptions": f"{GPU_TOKENS_PER_SECOND:g} generated tokens/s and {GPU_SECONDS_PER_PAIR:g} s per "
+                       "training pair on one A100-class GPU (rough; API judges not counted as GPU time)",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wowlib.config", description=__doc__.split("\n\n")[0])
+    parser.add_argument("profile", help="configs/<profile>.yaml")
+    parser.add_argument("--check", action="store_true", help="validate only, print nothing on success")
+    args = parser.parse_args(argv)
+    try:
+        p = resolved(load_profile(args.profile))
+        check_names(p, args.profile)
+    except ProfileError as e:
+        print(f"profile error: {e}", file=sys.stderr)
+        return 2
+    if not args.check:
+        print(json.dumps(plan(p), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
