@@ -76,7 +76,7 @@ def test_notebooks_are_committed_clean() -> None:
 def test_profiles_parse_and_name_their_run() -> None:
     for name in ("smoke", "cpu"):
         config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-        assert config["run"] and config["tasks"] and config["generator"]
+        assert config["run"] and config["tasks"] and config["generators"]
 
 
 def test_scripts_are_executable_and_ci_runs_the_readme_command() -> None:

@@ -30,6 +30,8 @@ NOTEBOOKS = ("01_sample_wrong", "02_elicit", "03_align", "04_evaluate", "05_figu
 GPU_TOKENS_PER_SECOND = 2000.0
 GPU_SECONDS_PER_PAIR = 1.0
 PAPER_TRAIN_QUESTIONS = 500            # 625 sampled x 8:1:1; used when a dataset is not present
+# Counts and caps where null means "all" (any other null would only fail later, inside a notebook).
+NULLABLE = frozenset({"n_questions", "eval_n_questions", "text_cap", "logprob_cap", "max_pairs"})
 
 
 class ProfileError(ValueError):
@@ -52,19 +54,29 @@ def notebook_parameters() -> dict[str, dict[str, Any]]:
 
 
 def _same_type(value: Any, default: Any) -> bool:
-    if default is None or value is None:
+    """``value`` can stand where the notebook has ``default``: a float default takes an int, but an
+    int default (a count, a length, a seed) takes only an int >= 0, and a list takes only elements
+    like the default's (YAML reads ``5e-5`` without a dot as a string). Null only where the
+    default is null (``NULLABLE`` keys are let through by the caller)."""
+    if default is None:
         return True
+    if value is None:
+        return False
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, (int, float)):
+    if isinstance(default, int):
+        return isinstance(value, int) and value >= 0
+    if isinstance(default, float):
         return isinstance(value, (int, float))
+    if isinstance(default, list) and isinstance(value, list) and default:
+        return all(any(_same_type(v, d) for d in default) for v in value)
     return isinstance(value, type(default))
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
     """The profile's parameters, checked against the notebooks' parameter cells."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ProfileError(f"{path}: no such profile")
     try:
         profile = yaml.safe_load(path.read_text()) or {}
@@ -79,8 +91,11 @@ def load_profile(path: str | Path) -> dict[str, Any]:
             known = sorted({k for p in params.values() for k in p})
             raise ProfileError(f"{path}: {key!r} is not a parameter of any notebook (known: {', '.join(known)})")
         for nb in owners:
-            if not _same_type(value, params[nb][key]):
-                raise ProfileError(f"{path}: {key!r} = {value!r} should be like {params[nb][key]!r} "
+            default = params[nb][key]
+            if not (value is None and key in NULLABLE) and not _same_type(value, default):
+                kind = ("a whole number >= 0, " if isinstance(default, int) and not isinstance(default, bool)
+                        else "a list with elements " if isinstance(default, list) else "")
+                raise ProfileError(f"{path}: {key!r} = {value!r} should be {kind}like {default!r} "
                                    f"(the default in notebooks/{nb}.ipynb)")
     return profile
 
@@ -99,9 +114,13 @@ def check_names(p: Mapping[str, Any], where: str) -> None:
     from .align import TRAINERS
     from .llm.models import get_spec
     from .prefs import TYPES
+    from .tasks.base import SPLITS
     from .tasks.registry import task_names
-    for key in ("generator", "base_model"):
-        _model(p[key], f"{where}: {key}", get_spec)
+    _model(p["base_model"], f"{where}: base_model", get_spec)
+    base = p["base_model"]
+    if base.startswith("openai:") or get_spec(base).backend == "openai":
+        raise ProfileError(f"{where}: base_model: {base!r} is served over an API; notebook 03 trains LoRA "
+                           "adapters on local weights (a named hf model)")
     for key in ("generators", "judges"):
         for name in p[key]:
             _model(name, f"{where}: {key}", get_spec)
@@ -110,7 +129,7 @@ def check_names(p: Mapping[str, Any], where: str) -> None:
             raise ProfileError(f"{where}: tasks: unknown task {name!r} (known: {', '.join(task_names())})")
     for key, allowed in (("trainers", TRAINERS), ("preference_types", TYPES), ("controls", TYPES),
                          ("sources", ("self", "mix")), ("pairwise_modes", ("logprob", "text")),
-                         ("score_modes", ("logprob", "text"))):
+                         ("score_modes", ("logprob", "text")), ("eval_splits", SPLITS)):
         bad = [v for v in p[key] if v not in allowed]
         if bad:
             raise ProfileError(f"{where}: {key}: {bad} not in {list(allowed)}")

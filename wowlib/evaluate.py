@@ -739,7 +739,10 @@ def run_evaluation(run, config: EvalConfig, models: Sequence[Mapping[str, Any]])
         entries.append((meta, records))
     per_split = [(meta, [r for r in recs if r["split"] == split]) for meta, recs in entries for split in config.splits]
     metrics = metrics_table(per_split, n_resamples=config.n_resamples, seed=config.seed)
-    tables = {"metrics": metrics, "models": pd.DataFrame([meta for meta, _ in entries])}
+    described = [{"model": meta["model"], "base_model": config.base_model,
+                  "adapter": None if meta["preference"] == ORIGINAL else f"models/{meta['model']}", **meta}
+                 for meta, _ in entries]
+    tables = {"metrics": metrics, "models": pd.DataFrame(described)}
     tables.update(_selected_comparisons(entries, metrics, config))
     for name, table in tables.items():
         store.write_csv(run.eval_dir / f"{name}.csv", table.to_dict("records"), list(table.columns))

@@ -1,0 +1,185 @@
+"""Run profiles (wowlib.config): every committed profile validates, typos and wrong types are
+refused with the file, key and notebook named, and the dry-run plan counts what a run will do.
+Fast: no model is loaded, no notebook is run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wowlib import config
+
+REPO = Path(__file__).resolve().parent.parent
+# A profile is a configs/*.yaml with a `run` key (run_all.sh reads it); the others are not profiles
+# (align_example.yaml configures `python -m wowlib.align`; configs/accelerate/ is not globbed).
+PROFILES = sorted(p for p in (REPO / "configs").glob("*.yaml") if "run" in (yaml.safe_load(p.read_text()) or {}))
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def _profile(tmp_path: Path, **changes) -> Path:
+    """configs/smoke.yaml with ``changes`` applied, written to a temporary file."""
+    profile = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    profile.update(changes)
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def _fails(path: Path, capsys) -> str:
+    """``python -m wowlib.config <path>`` (in-process) exits 2; returns its message."""
+    assert config.main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("profile error: ")
+    return captured.err
+
+
+def test_committed_profiles_are_found() -> None:
+    assert {p.stem for p in PROFILES} >= {"smoke", "cpu", "paper"}
+    assert "run" not in yaml.safe_load((REPO / "configs" / "align_example.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_every_committed_profile_validates(path: Path) -> None:
+    profile = config.load_profile(path)
+    assert profile["run"] == path.stem, "runs/<profile>/ is where run_all.sh and the README put the outputs"
+    config.check_names(config.resolved(profile), str(path))
+    assert config.main([str(path), "--check"]) == 0
+
+
+def test_paper_dry_run_prints_the_plan() -> None:
+    result = _run(sys.executable, "-m", "wowlib.config", "configs/paper.yaml")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    for key in ("sampling_calls", "adapters", "gpu_hours_estimate", "judge_calls_upper_bound",
+                "training_steps_upper_bound", "evaluation_calls", "generated_tokens_upper_bound"):
+        assert plan[key] > 0, key
+    assert "tokens/s" in plan["assumptions"] and "GPU" in plan["assumptions"]
+    assert set(plan["tasks"]) == set(yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())["tasks"])
+
+
+def test_check_prints_nothing(capsys) -> None:
+    assert config.main(["configs/smoke.yaml", "--check"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    path = _profile(tmp_path, n_sample=10)           # a typo of n_samples
+    result = _run(sys.executable, "-m", "wowlib.config", str(path), "--check")
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "'n_sample'" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("key, value, notebook", [
+    ("n_samples", "ten", "01_sample_wrong"),
+    ("n_samples", 2.5, "01_sample_wrong"),             # a count must be a whole number
+    ("n_samples", -1, "01_sample_wrong"),
+    ("n_samples", None, "01_sample_wrong"),            # null only where it means "all"
+    ("tasks", "kc", "01_sample_wrong"),                # a list, not one name
+    ("tasks", None, "01_sample_wrong"),
+    ("learning_rates", ["5e-5"], "03_align"),          # YAML reads 5e-5 (no dot) as a string
+    ("generalisation", 1, "04_evaluate"),
+    ("temperature", "hot", "01_sample_wrong"),
+])
+def test_wrong_type_names_key_and_notebook(tmp_path: Path, capsys, key, value, notebook) -> None:
+    path = _profile(tmp_path, **{key: value})
+    err = _fails(path, capsys)
+    assert str(path) in err and repr(key) in err and f"notebooks/{notebook}.ipynb" in err
+
+
+@pytest.mark.parametrize("key, value", [
+    ("temperature", 1), ("n_questions", None), ("eval_n_questions", None), ("max_pairs", None),
+    ("text_cap", None), ("learning_rates", [1, 5.0e-5]), ("figures_dir", "figs"),
+])
+def test_compatible_values_pass(tmp_path: Path, capsys, key, value) -> None:
+    assert config.main([str(_profile(tmp_path, **{key: value})), "--check"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [
+    ("generators", ["tiny", "gpt-5"]), ("judges", ["nobody"]),
+    ("base_model", "no-such-model"), ("tasks", ["kc", "sudoku"]), ("trainers", ["dpo", "ppo"]),
+    ("preference_types", ["oracle", "vibes"]), ("controls", ["coin"]), ("sources", ["other"]),
+    ("pairwise_modes", ["telepathy"]), ("judge_mode", "guess"), ("eval_splits", ["dev"]),
+])
+def test_unknown_name_names_the_key(tmp_path: Path, capsys, key, value) -> None:
+    path = _profile(tmp_path, **{key: value})
+    err = _fails(path, capsys)
+    assert str(path) in err and key in err
+    bad = value if isinstance(value, str) else value[-1]
+    assert bad in err
+
+
+def test_openai_compatible_models_need_no_spec(tmp_path: Path) -> None:
+    path = _profile(tmp_path, generators=["openai:served"], judges=["openai:served"])
+    assert config.main([str(path), "--check"]) == 0
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "openai:served"])
+def test_base_model_must_be_trainable(tmp_path: Path, capsys, model) -> None:
+    err = _fails(_profile(tmp_path, base_model=model), capsys)
+    assert "base_model" in err and model in err
+
+
+def test_missing_and_malformed_profiles(tmp_path: Path, capsys) -> None:
+    assert "no such profile" in _fails(tmp_path / "nope.yaml", capsys)
+    assert "no such profile" in _fails(tmp_path, capsys)          # a directory
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [kc\n")
+    assert "not valid YAML" in _fails(bad, capsys)
+    bad.write_text("- kc\n- chess\n")
+    assert "mapping" in _fails(bad, capsys)
+
+
+def test_plan_counts_a_small_profile(tmp_path: Path, capsys) -> None:
+    # 2 tasks x 3 questions (fewer than any task has, so the same with or without the data),
+    # 4 samples, 2 generators; each sample is one answer call plus one extraction call.
+    path = _profile(tmp_path, tasks=["kc", "nlgraph_shortest_path"], n_questions=3, n_samples=4,
+                    generators=["tiny", "smollm2-135m"], judges=["tiny"], sources=["self"],
+                    preference_types=["oracle", "direct"], controls=["random"], trainers=["dpo", "ipo"],
+                    learning_rates=[1.0e-5, 5.0e-5, 1.0e-4], lr_schedulers=["linear"], weight_decays=[0.0],
+                    epochs=[1, 3], max_pairs=10)
+    assert config.main([str(path)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {t: v["train_questions"] for t, v in plan["tasks"].items()} == {"kc": 3, "nlgraph_shortest_path": 3}
+    assert plan["sampling_calls"] == 2 * (2 * 3) * 4 * 2 == 96
+    sets = 2 * 1 * 3                                   # tasks x sources x (types + controls)
+    grid = 3 * 1 * 1 * 2 * 2                           # lr x scheduler x weight decay x epochs x trainers
+    assert plan["preference_sets"] == sets
+    assert plan["adapters"] == sets * grid == 72
+    assert plan["training_steps_upper_bound"] == sets * grid * 10 * 2   # mean of epochs [1, 3] = 2
+
+
+def _setup_is_current() -> bool:
+    """setup.sh's own test: the stamp in .venv matches the requirement files (then it does nothing)."""
+    stamp = REPO / ".venv" / ".wowlib-setup"
+    want = hashlib.sha256(b"".join((REPO / n).read_bytes() for n in
+                                   ("requirements.txt", "requirements-nodeps.txt", "pyproject.toml"))).hexdigest()[:16]
+    return stamp.exists() and stamp.read_text().strip() == want
+
+
+def test_run_all_dry_run_runs_no_notebook(tmp_path: Path) -> None:
+    if not _setup_is_current():
+        pytest.skip("setup.sh would (re)install .venv: its stamp does not match the requirement files")
+    runs = tmp_path / "runs"
+    result = _run("./run_all.sh", "paper", "--dry-run", WOW_RUNS_DIR=str(runs))
+    assert result.returncode == 0, result.stderr
+    assert "setting up .venv" not in result.stdout
+    plan = json.loads(result.stdout)                   # the plan and nothing else: no "[1/5] ..." lines
+    assert plan["sampling_calls"] > 0 and plan["gpu_hours_estimate"] > 0
+    assert not runs.exists()
+
+
+def test_run_all_refuses_an_unknown_profile() -> None:
+    result = _run("./run_all.sh", "no-such-profile", "--dry-run")
+    assert result.returncode == 2 and "configs/no-such-profile.yaml" in result.stderr
