@@ -757,7 +757,16 @@ def _selected_comparisons(entries, metrics: pd.DataFrame, config: EvalConfig) ->
     aligned = metrics[(metrics["preference"] != ORIGINAL) & (metrics["task"] == metrics["train_task"])]
     if aligned.empty:
         return {}
-    selection = select_configs(aligned, group_by=list(GROUP))
+    if "val" not in config.splits:
+        # Without D_val there is nothing to select on: allowed only when each group has one config.
+        sizes = aligned.groupby(list(GROUP))["config"].nunique()
+        if (sizes > 1).any():
+            raise ValueError(f"EvalConfig.splits={config.splits}: a grid of several configs needs 'val' to "
+                             f"select on (groups with several: {list(sizes[sizes > 1].index)})")
+        selection = aligned[[*GROUP, "config"]].drop_duplicates().assign(
+            selected=True, val_rank=1, note="one config per group: nothing to select, no D_val")
+    else:
+        selection = select_configs(aligned, group_by=list(GROUP))
     winners = {(r.prefs, r.trainer, r.config) for r in selected(selection).itertuples()}
     test = "test"
     original = [r for r in entries[0][1] if r["split"] == test]
