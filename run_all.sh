@@ -24,7 +24,8 @@ for i in "${!stages[@]}"; do
   [ -f "notebooks/$nb.ipynb" ] || { echo "[$((i + 1))/${#stages[@]}] $nb: not built yet, skipped"; continue; }
   echo "[$((i + 1))/${#stages[@]}] $nb ..."
   start=$(date +%s)
-  if ! .venv/bin/papermill "notebooks/$nb.ipynb" "$out/$nb.ipynb" -f "$config" -p run "$run" \
+  .venv/bin/python -m wowlib.config "$config" --notebook "$nb" > "$out/$nb.params.yaml"   # its own keys only
+  if ! .venv/bin/papermill "notebooks/$nb.ipynb" "$out/$nb.ipynb" -f "$out/$nb.params.yaml" -p run "$run" \
         --cwd notebooks -k python3 --log-level WARNING; then
     echo "run_all.sh: FAILED in notebooks/$nb.ipynb (executed copy with the error: $out/$nb.ipynb)" >&2
     exit 1

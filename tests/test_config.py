@@ -183,3 +183,15 @@ def test_run_all_dry_run_runs_no_notebook(tmp_path: Path) -> None:
 def test_run_all_refuses_an_unknown_profile() -> None:
     result = _run("./run_all.sh", "no-such-profile", "--dry-run")
     assert result.returncode == 2 and "configs/no-such-profile.yaml" in result.stderr
+
+
+def test_each_notebook_gets_only_its_own_keys(capsys) -> None:
+    """run_all.sh hands papermill one notebook's keys at a time (no 'unknown parameter' noise)."""
+    import yaml
+    assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "05_figures"]) == 0
+    assert set(yaml.safe_load(capsys.readouterr().out)) <= {"run", "figures_dir"}
+    assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "03_align"]) == 0
+    keys = set(yaml.safe_load(capsys.readouterr().out))
+    assert {"trainers", "max_pairs", "base_model"} <= keys and "n_samples" not in keys
+    assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "06_nope"]) == 2
+    assert "no notebook" in capsys.readouterr().err

@@ -192,14 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wowlib.config", description=__doc__.split("\n\n")[0])
     parser.add_argument("profile", help="configs/<profile>.yaml")
     parser.add_argument("--check", action="store_true", help="validate only, print nothing on success")
+    parser.add_argument("--notebook", help="print (as YAML) only the profile keys this notebook takes")
     args = parser.parse_args(argv)
     try:
-        p = resolved(load_profile(args.profile))
+        profile = load_profile(args.profile)
+        p = resolved(profile)
         check_names(p, args.profile)
     except ProfileError as e:
         print(f"profile error: {e}", file=sys.stderr)
         return 2
-    if not args.check:
+    if args.notebook:
+        own = notebook_parameters().get(args.notebook)
+        if own is None:
+            print(f"profile error: no notebook {args.notebook!r} (known: {', '.join(NOTEBOOKS)})", file=sys.stderr)
+            return 2
+        print(yaml.safe_dump({k: v for k, v in profile.items() if k in own}, sort_keys=False), end="")
+    elif not args.check:
         print(json.dumps(plan(p), indent=2))
     return 0
 
