@@ -345,3 +345,41 @@ def test_formatting():
     assert formatted.loc[0, "delta_p_wrong"] == "0.100 [0.000, 0.200]"
     md = ev.to_markdown(formatted)
     assert md.splitlines() == ["| task | delta_p_wrong |", "|---|---|", "| kc | 0.100 [0.000, 0.200] |"]
+
+
+# ---------------------------------------------------------------------------- the stage's selection
+
+def _entries(configs_per_set: int, splits=("val", "test")):
+    """The original and aligned models' records: aligned config c answers correctly on c+1 questions."""
+    from wowlib.evaluate import ORIGINAL
+    meta0 = {"model": "base", "prefs": None, "preference": ORIGINAL, "trainer": None, "train_task": None,
+             "config": None}
+    qs = [f"q{k}" for k in range(4)]
+    entries = [(meta0, [rec(q, proxy=0.0, split=s) for s in splits for q in qs])]
+    for c in range(configs_per_set):
+        meta = {"model": f"m{c}", "prefs": "self-oracle-kc", "preference": "oracle", "trainer": "dpo",
+                "train_task": "kc", "config": f"cfg{c}"}
+        entries.append((meta, [rec(q, correct=k <= c, proxy=1.0 if k <= c else 0.5, split=s)
+                               for s in splits for k, q in enumerate(qs)]))
+    return entries
+
+
+@pytest.mark.parametrize("splits", [("val", "test"), ("test",)])
+def test_stage_selects_on_val_or_takes_the_single_config(splits) -> None:
+    from wowlib.evaluate import EvalConfig, _selected_comparisons
+    n_configs = 2 if "val" in splits else 1
+    entries = _entries(n_configs, splits)
+    metrics = ev.metrics_table([(m, [r for r in recs if r["split"] == s]) for m, recs in entries
+                                      for s in splits], n_resamples=NR)
+    tables = _selected_comparisons(entries, metrics, EvalConfig(splits=splits, n_resamples=NR))
+    chosen = tables["improvements"]["label"].tolist()
+    assert chosen == [f"m{n_configs - 1}"]          # the config better on D_val (or the only one)
+    assert tables["improvements"]["delta_accuracy"].iloc[0] == pytest.approx(n_configs / 4)
+
+
+def test_stage_refuses_a_grid_without_val() -> None:
+    from wowlib.evaluate import EvalConfig, _selected_comparisons
+    entries = _entries(2, ("test",))
+    metrics = ev.metrics_table([(m, recs) for m, recs in entries], n_resamples=NR)
+    with pytest.raises(ValueError, match="needs 'val'"):
+        _selected_comparisons(entries, metrics, EvalConfig(splits=("test",), n_resamples=NR))
