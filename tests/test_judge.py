@@ -203,3 +203,25 @@ def test_manifest_keeps_other_entries(tmp_path):
     assert not judge._is_complete(path_a, "kc.pairwise", {"mode": "logprob"})
     path_a.write_text('{"a": 2}\n')                            # edited since: not complete
     assert not judge._is_complete(path_a, "kc.pairwise", {"mode": "text"})
+
+
+def test_logprob_choices_fall_back_to_the_space_in_the_prefix() -> None:
+    """Tokenizers that split ' 1' into ' ' + '1' (SmolLM2, Llama 3) are read after 'prefix ' instead;
+    the keys stay ' 1'/' 2'. A tokenizer that fits neither form is a clear error."""
+    from wowlib.judge import _choice_logprobs
+
+    class SplitDigits:
+        def __init__(self, ok_prefix_end: str) -> None:
+            self.ok, self.calls = ok_prefix_end, []
+
+        def choice_logprobs(self, chats, prefix, choices):
+            self.calls.append((prefix, tuple(choices)))
+            if not prefix.endswith(self.ok):
+                raise ValueError("not a single token")
+            return [{c: -float(k + 1) for k, c in enumerate(choices)} for _ in chats]
+
+    backend = SplitDigits(": ")
+    assert _choice_logprobs(backend, "j", ["p"], "Preferred output:", (" 1", " 2")) == [{" 1": -1.0, " 2": -2.0}]
+    assert backend.calls[-1] == ("Preferred output: ", ("1", "2"))
+    with pytest.raises(ValueError, match="use mode='text'"):
+        _choice_logprobs(SplitDigits("never"), "j", ["p"], "Preferred output:", (" 1", " 2"))

@@ -130,12 +130,23 @@ def _cached(llm, run: store.Run):
 
 def _choice_logprobs(backend, judge_name: str, prompts: list[str], prefix: str,
                      choices: Sequence[str]) -> list[dict[str, float]]:
+    """Next-token log-probs of ``choices`` (" 1", " 2", ...) after ``prefix``. Tokenizers that split
+    a digit from its leading space (SmolLM2, Llama 3) get the space in the prefix instead; the
+    returned keys are always ``choices``."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
     try:
         return backend.choice_logprobs(chats, prefix=prefix, choices=list(choices))
     except ValueError as err:
-        raise ValueError(f"judge {judge_name}: log-prob mode needs each of {list(choices)} to be one token "
-                         f"after the prefix {prefix!r}; use mode='text' for this model ({err})") from err
+        first_error = err
+    if all(c.startswith(" ") for c in choices):
+        try:
+            lps = backend.choice_logprobs(chats, prefix=prefix + " ", choices=[c[1:] for c in choices])
+            return [{c: lp[c[1:]] for c in choices} for lp in lps]
+        except ValueError:
+            pass
+    raise ValueError(f"judge {judge_name}: log-prob mode needs each of {list(choices)} to be one token "
+                     f"after the prefix {prefix!r} (or without its space after {prefix + ' '!r}); use "
+                     f"mode='text' for this model ({first_error})") from first_error
 
 
 def _normalised(params: dict) -> dict:
