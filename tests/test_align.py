@@ -360,6 +360,8 @@ def test_a_rerun_with_the_same_key_skips_training(runs, tiny_dir, monkeypatch, c
 
 def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny_dir, tmp_path, monkeypatch):
     class Crashing:
+        train_dataset = toy_prefs()
+
         def train(self):
             (tmp_path / "started").touch()
             raise KeyboardInterrupt
