@@ -9,16 +9,20 @@ threads and library versions):
 2. sampling: (a) a faithful re-implementation of the official repository's loop (transformers
    ``generate``, batches of 5, the prompt repeated per sample, no prefix sharing, logits kept for
    log-probs) vs (b) our sampler (``wowlib.llm.hf``: batches across questions sorted by length,
-   shared prefill, early stop) in fp32 and int8, at 1 and 2 threads. Every system generates
+   shared prefill, early stop) in fp32, bf16 and int8, at 1 and 2 threads. Every system generates
    exactly ``--max-new-tokens`` per sample (stop tokens suppressed), so tokens/s compare like
    with like; achieved FLOP/s = 2 * parameters * tokens / seconds;
-3. judging: pairwise verdicts per second, generated-text mode vs next-token log-prob mode;
-4. DPO: pairs per second with and without precomputed reference log-probs.
+3. parity: how far bf16 and int8 move the per-token log-probs from plain fp32 transformers;
+4. judging: pairwise verdicts per second, generated-text mode (the official loop's shape, and our
+   sampler) vs next-token log-prob mode;
+5. DPO: pairs per second with and without precomputed reference log-probs.
+Each section runs in a fresh process, so the peak RSS printed for it is that stage's own peak.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import platform
 import resource
@@ -35,7 +39,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from wowlib import store  # noqa: E402
 from wowlib.llm.base import Decoding, Request  # noqa: E402
-from wowlib.llm.hf import HFModel, HFOptions  # noqa: E402
+from wowlib.llm.hf import HFModel, HFOptions, _cpu_has_bf16, native_bf16  # noqa: E402
 from wowlib.llm.models import model_path  # noqa: E402
 from wowlib.tasks import get_task  # noqa: E402
 
@@ -162,15 +166,72 @@ def sampling_section(args, rows: list[dict]) -> None:
         base = record(rows, "sampling", "official loop (generate, batch 5)", threads, tokens, "tokens", seconds,
                       flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
         del official_model
-        for int8 in (False, True):
-            model = HFModel(args.model, directory, options=HFOptions(int8=int8, max_batch=args.max_batch))
+        for label, options in sampler_variants(args.max_batch):
+            model = HFModel(args.model, directory, options=options)
             tokens, seconds = timed(ours, model, prompts, args.max_new_tokens)
-            record(rows, "sampling", f"wowlib sampler{' int8' if int8 else ' fp32'}", threads, tokens, "tokens",
-                   seconds, baseline=base, flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
+            record(rows, "sampling", label, threads, tokens, "tokens", seconds, baseline=base,
+                   flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
+            del model
         print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
 
 
+def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
+    """Our sampler in fp32, bf16 (where the CPU has native bf16; the default on AMX CPUs) and
+    int8 (dynamic quantisation: measured for speed, but see the parity section)."""
+    variants = [("wowlib sampler fp32", HFOptions(dtype="fp32", max_batch=max_batch))]
+    if _cpu_has_bf16():
+        variants.append(("wowlib sampler bf16" + (" (default here)" if native_bf16() else ""),
+                         HFOptions(dtype="bf16", max_batch=max_batch)))
+    variants.append(("wowlib sampler int8 (inaccurate: see parity)", HFOptions(dtype="fp32", int8=True,
+                                                                               max_batch=max_batch)))
+    return variants
+
+
+@torch.inference_mode()
+def parity_section(args, rows: list[dict]) -> None:
+    """How far each fast path moves the model's per-token log-probs from plain fp32 transformers:
+    teacher-forced on fp32's own sampled continuations of the benchmark prompts (so one early
+    flip cannot cascade). Prints mean and max |delta log-prob| of the sampled tokens, the mean KL
+    (fp32 || fast) of the next-token distributions and the next-token argmax agreement."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    threads = max(args.threads)
+    torch.set_num_threads(threads)
+    directory = model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prompts = [q[0] for q in sampling_prompts(args.tasks, args.parity_prompts, 1)]
+    torch.manual_seed(0)
+    sequences = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 max_new_tokens=args.parity_tokens, pad_token_id=tokenizer.eos_token_id)
+        sequences.append((ids.shape[1], out))
+
+    def logprobs(model):
+        return [torch.log_softmax(model(input_ids=seq).logits[0, n - 1:-1].float(), -1) for n, seq in sequences]
+
+    ref = logprobs(reference)
+    print(f"\n== parity vs fp32 transformers: {len(sequences)} prompts x {args.parity_tokens} sampled tokens "
+          "(teacher-forced)", flush=True)
+    for label, options in sampler_variants(args.max_batch)[1:]:
+        fast = logprobs(HFModel(args.model, directory, options=options).model)
+        delta = torch.cat([(a - b).gather(-1, seq[0, n:, None]).abs().squeeze(-1)
+                           for a, b, (n, seq) in zip(ref, fast, sequences)])
+        kl = torch.cat([(a.exp() * (a - b)).sum(-1) for a, b in zip(ref, fast)])
+        agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(ref, fast)])
+        print(f"  {label:<46} mean |dlogp| {delta.mean():.4f}  max {delta.max():.3f}  KL {kl.mean():.5f}  "
+              f"argmax agreement {100 * agree.mean():.1f}%", flush=True)
+        rows.append({"section": "parity", "system": label, "threads": threads, "work": len(delta),
+                     "unit": "tokens", "seconds": None, "per_s": round(delta.mean().item(), 4),
+                     "ratio": round(agree.mean().item(), 4), "ratio_to": "mean |dlogp| (per_s), argmax agreement (ratio)",
+                     "flops_share": None, "peak_rss_gb": round(peak_rss_gb(), 2)})
+
+
 def judge_section(args, rows: list[dict]) -> None:
+    from transformers import AutoModelForCausalLM
     from wowlib import judge
     threads = max(args.threads)
     torch.set_num_threads(threads)
@@ -183,12 +244,30 @@ def judge_section(args, rows: list[dict]) -> None:
     print(f"\n== judging: {len(chats)} pairwise verdicts", flush=True)
     greedy = Decoding(temperature=0.0, max_new_tokens=args.judge_tokens)
     requests = [Request.chat(c, greedy) for c in chats]
+    official = AutoModelForCausalLM.from_pretrained(model_path(args.model), dtype=torch.float32).eval()
+    _, seconds = timed(official_greedy, official, model.tokenizer, chats, args.judge_tokens)
+    del official
+    official_row = record(rows, "judge", f"text mode, official loop (generate fp32, batch 5, <= {args.judge_tokens} tokens)",
+           threads, len(chats), "verdicts", seconds)
     _, seconds = timed(lambda: [model.run_batch([requests[i] for i in b]) for b in model.plan(requests)])
-    text = record(rows, "judge", f"text mode (greedy, <= {args.judge_tokens} tokens)", threads, len(chats),
-                  "verdicts", seconds)
+    text = record(rows, "judge", f"text mode, wowlib sampler (greedy, <= {args.judge_tokens} tokens)", threads,
+                  len(chats), "verdicts", seconds)
     _, seconds = timed(model.choice_logprobs, chats, judge.PAIRWISE_PREFIX, list(judge.PAIRWISE_CHOICES))
     record(rows, "judge", "log-prob mode (one forward pass)", threads, len(chats), "verdicts", seconds,
            baseline=text)
+    record(rows, "judge", "log-prob mode (one forward pass)", threads, len(chats), "verdicts", seconds,
+           baseline=official_row)
+
+
+@torch.inference_mode()
+def official_greedy(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int = 5) -> None:
+    """The official loop's shape for a judge in text mode: greedy ``generate`` in batches of 5."""
+    tokenizer.padding_side = "left"
+    for start in range(0, len(chats), batch_size):
+        batch = tokenizer.apply_chat_template(chats[start:start + batch_size], add_generation_prompt=True,
+                                              padding=True, return_tensors="pt", return_dict=True)
+        model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 
 
 def dpo_section(args, rows: list[dict]) -> None:
@@ -211,6 +290,16 @@ def dpo_section(args, rows: list[dict]) -> None:
     print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
 
 
+SECTIONS = {"sampling": sampling_section, "parity": parity_section, "judge": judge_section, "dpo": dpo_section}
+
+
+def run_section(section: str, args) -> tuple[list[dict], float]:
+    """One section (in a child process): its rows and the process's peak RSS in GB."""
+    rows: list[dict] = []
+    SECTIONS[section](args, rows)
+    return rows, peak_rss_gb()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -223,18 +312,28 @@ def main() -> None:
     parser.add_argument("--judge-pairs", type=int, default=8)
     parser.add_argument("--judge-tokens", type=int, default=128)
     parser.add_argument("--dpo-pairs", type=int, default=8)
-    parser.add_argument("--sections", nargs="+", default=["sampling", "judge", "dpo"])
+    parser.add_argument("--parity-prompts", type=int, default=2, help="questions per task for the parity section")
+    parser.add_argument("--parity-tokens", type=int, default=64)
+    parser.add_argument("--sections", nargs="+", default=["sampling", "parity", "judge", "dpo"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check of the script)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.questions, args.samples, args.max_new_tokens, args.judge_pairs, args.dpo_pairs = 1, 4, 16, 4, 4
+        args.parity_prompts, args.parity_tokens = 1, 16
         args.threads = [max(args.threads)]
     rows: list[dict] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    peaks = {}
     for section in args.sections:
-        {"sampling": sampling_section, "judge": judge_section, "dpo": dpo_section}[section](args, rows)
-    print(f"\npeak RSS of the whole run: {peak_rss_gb():.2f} GB")
+        # each section in a fresh process, so its peak RSS is that stage's own peak memory
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            section_rows, peaks[section] = pool.apply(run_section, (section, args))
+        rows.extend(section_rows)
+    print("\npeak RSS per stage (fresh process each): " +
+          ", ".join(f"{name} {gb:.2f} GB" for name, gb in peaks.items()))
+    rows.extend({"section": "memory", "system": f"peak RSS, {name} stage", "threads": max(args.threads),
+                 "work": round(gb, 2), "unit": "GB", "peak_rss_gb": round(gb, 2)} for name, gb in peaks.items())
     versions = store.library_versions()
     meta = {"run": started, "model": args.model, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "torch": versions["torch"], "transformers": versions["transformers"], "trl": versions["trl"]}
