@@ -148,7 +148,7 @@ def test_plan_counts_a_small_profile(tmp_path: Path, capsys) -> None:
                     generators=["tiny", "smollm2-135m"], judges=["tiny"], sources=["self"],
                     preference_types=["oracle", "direct"], controls=["random"], trainers=["dpo", "ipo"],
                     learning_rates=[1.0e-5, 5.0e-5, 1.0e-4], lr_schedulers=["linear"], weight_decays=[0.0],
-                    epochs=[1, 3], max_pairs=10)
+                    epochs=[1, 3], max_pairs=10, score_modes=[])
     assert config.main([str(path)]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert {t: v["train_questions"] for t, v in plan["tasks"].items()} == {"kc": 3, "nlgraph_shortest_path": 3}
@@ -195,3 +195,10 @@ def test_each_notebook_gets_only_its_own_keys(capsys) -> None:
     assert {"trainers", "max_pairs", "base_model"} <= keys and "n_samples" not in keys
     assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "06_nope"]) == 2
     assert "no notebook" in capsys.readouterr().err
+
+
+def test_score_judging_needs_five_answers_per_question(tmp_path: Path, capsys) -> None:
+    """The score judge grades five answers of a question per prompt: fewer samples score nothing."""
+    err = _fails(_profile(tmp_path, n_samples=4, score_modes=["logprob"]), capsys)
+    assert "n_samples = 4" in err and "score_modes" in err
+    assert config.main([str(_profile(tmp_path, n_samples=4, score_modes=[])), "--check"]) == 0

@@ -28,6 +28,7 @@ NOTEBOOKS = ("01_sample_wrong", "02_elicit", "03_align", "04_evaluate", "05_figu
 # Rough throughput for the GPU-hour estimate (stated assumptions, not measurements): an 8B model
 # on one A100-80GB with vLLM, batched sampling; LoRA DPO on ~600-token pairs.
 GPU_TOKENS_PER_SECOND = 2000.0
+SCORE_BATCH = 5                 # responses per score-judge prompt (wowlib.judge.BATCH)
 GPU_SECONDS_PER_PAIR = 1.0
 PAPER_TRAIN_QUESTIONS = 500            # 625 sampled x 8:1:1; used when a dataset is not present
 # Counts and caps where null means "all" (any other null would only fail later, inside a notebook).
@@ -135,6 +136,10 @@ def check_names(p: Mapping[str, Any], where: str) -> None:
             raise ProfileError(f"{where}: {key}: {bad} not in {list(allowed)}")
     if p["judge_mode"] not in ("logprob", "text"):
         raise ProfileError(f"{where}: judge_mode must be 'logprob' or 'text', got {p['judge_mode']!r}")
+    if p["score_modes"] and p["n_samples"] < SCORE_BATCH:
+        raise ProfileError(f"{where}: n_samples = {p['n_samples']}: the score judge grades {SCORE_BATCH} answers of one "
+                           f"question per prompt, so score_modes {p['score_modes']} need n_samples >= {SCORE_BATCH} "
+                           "(or score_modes: [])")
 
 
 def _model(name: str, where: str, get_spec) -> None:

@@ -371,7 +371,10 @@ def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name
                        score_logprobs=[[lp[c] for c in SCORE_CHOICES] for lp in lps])
     stats = {"batches": len(records), "scored": BATCH * len(records), "leftover_unscored": leftover,
              "statuses": _count(r["status"] for r in records)}
-    if leftover:
+    if not records and leftover:
+        log.warning("%s/%s: no question has %d valid responses, so nothing was scored (sample n_samples >= %d)",
+                    generator, task_name, BATCH, BATCH)
+    elif leftover:
         log.info("%s/%s: %d valid responses left over from batches of %d (not scored)",
                  generator, task_name, leftover, BATCH)
     _save(path, key, records, params, stats, backend.key)
