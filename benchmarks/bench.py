@@ -237,11 +237,14 @@ def judge_section(args, rows: list[dict]) -> None:
     torch.set_num_threads(threads)
     model = HFModel(args.model, model_path(args.model))
     task = get_task(args.tasks[0])
-    questions = task.questions("train", args.judge_pairs)
-    prompts = [judge.pairwise_prompt(task.judge_query(q), f"The answer is {q.options[0] if q.options else 1}.",
-                                     f"The answer is {q.options[-1] if q.options else 2}.") for q in questions]
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    print(f"\n== judging: {len(chats)} pairwise verdicts", flush=True)
+    # the pipeline's shape: several pairs per question, each asked in both orders (swap check)
+    questions = task.questions("train", max(1, args.judge_pairs // 4))
+    prompts = []
+    for q in questions:
+        a, b, c = (f"The answer is {o}." for o in ((q.options[0], q.options[-1], q.options[1]) if q.options else (1, 2, 3)))
+        prompts += [judge.pairwise_prompt(task.judge_query(q), x, y) for x, y in ((a, b), (b, a), (a, c), (c, a))]
+    chats = [[{"role": "user", "content": p}] for p in prompts][:args.judge_pairs]
+    print(f"\n== judging: {len(chats)} pairwise verdicts ({len(questions)} questions, 2 pairs x 2 orders each)", flush=True)
     greedy = Decoding(temperature=0.0, max_new_tokens=args.judge_tokens)
     requests = [Request.chat(c, greedy) for c in chats]
     official = AutoModelForCausalLM.from_pretrained(model_path(args.model), dtype=torch.float32).eval()
@@ -309,7 +312,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--judge-pairs", type=int, default=8)
+    parser.add_argument("--judge-pairs", type=int, default=16)
     parser.add_argument("--judge-tokens", type=int, default=128)
     parser.add_argument("--dpo-pairs", type=int, default=8)
     parser.add_argument("--parity-prompts", type=int, default=2, help="questions per task for the parity section")

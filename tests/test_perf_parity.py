@@ -146,3 +146,20 @@ def test_inverse_cdf_sampling_has_the_model_distribution() -> None:
     top = HFModel._choose(rows[:2000], torch.log_softmax(rows[:2000], -1), Decoding(temperature=1.0, top_p=0.6),
                           generators[:2000])
     assert set(top.tolist()) <= {0, 2}                    # top-p keeps the smallest set reaching 0.6
+
+
+def test_choice_logprobs_with_shared_heads_equal_plain_forward_passes(tiny_dir: Path, fp32: HFModel) -> None:
+    """A judge's prompts about one question share their instruction: prefilled once (cascade
+    attention), the choices' log-probs are those of one plain forward pass per prompt."""
+    plain = HFModel("tiny", tiny_dir, options=HFOptions(dtype="fp32", min_shared_prefix=10 ** 9))
+    prompts = [_chat(f"{SHARED}\nOutput 1: {a}\nOutput 2: {b}") for a, b in
+               [("3", "5"), ("5", "3"), ("a long wrong answer 12", "7"), ("7", "a long wrong answer 12")]]
+    prompts += [_chat(p) for p in PROMPTS[:2]] + [prompts[0]]          # unrelated ones and a duplicate
+    ids = [fp32.encode(fp32.render(p, "Preferred output:")) for p in prompts]
+    assert max(shared for _, shared in _prefix_groups(ids, [1] * len(ids), 32, reserve=2)) >= 32
+    fast = fp32.choice_logprobs(prompts, "Preferred output:", [" 1", " 2"], batch_size=4)
+    slow = plain.choice_logprobs(prompts, "Preferred output:", [" 1", " 2"], batch_size=4)
+    assert fast[0] == fast[-1]
+    for a, b in zip(fast, slow):
+        assert a.keys() == b.keys()
+        assert [a[k] for k in a] == pytest.approx([b[k] for k in b], abs=1e-4)

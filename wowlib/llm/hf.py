@@ -136,9 +136,11 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _prefix_groups(ids: list[list[int]], rows: list[int], min_shared: int) -> list[tuple[list[int], int]]:
+def _prefix_groups(ids: list[list[int]], rows: list[int], min_shared: int,
+                   reserve: int = 1) -> list[tuple[list[int], int]]:
     """Partition distinct prompts into groups that share a prompt head: [(members, shared
-    length)], each member keeping at least one token of its own. A group's head is prefilled
+    length)], each member keeping at least ``reserve`` tokens of its own (the positions whose
+    logits are read). A group's head is prefilled
     once and read once per decoding step for all its rows (``rows[u]`` rows decode prompt ``u``),
     so a run of prompts sorted by tokens is worth (its rows - 1) x shared tokens; contiguous runs
     are chosen by dynamic programming to maximise that. Runs sharing < ``min_shared`` tokens are
@@ -148,10 +150,10 @@ def _prefix_groups(ids: list[list[int]], rows: list[int], min_shared: int) -> li
     lcp = [_common_prefix(ids[order[k]], ids[order[k + 1]]) for k in range(n - 1)]
     best, cut = [0] * (n + 1), [0] * (n + 1)        # best saving of order[:j], start of its last run
     for j in range(1, n + 1):
-        shared, weight = len(ids[order[j - 1]]) - 1, rows[order[j - 1]]
+        shared, weight = len(ids[order[j - 1]]) - reserve, rows[order[j - 1]]
         best[j], cut[j] = best[j - 1] + ((weight - 1) * shared if shared >= min_shared else 0), j - 1
         for i in range(j - 2, -1, -1):               # run order[i:j]
-            shared, weight = min(shared, lcp[i], len(ids[order[i]]) - 1), weight + rows[order[i]]
+            shared, weight = min(shared, lcp[i], len(ids[order[i]]) - reserve), weight + rows[order[i]]
             if shared < min_shared:
                 break
             if best[i] + (weight - 1) * shared > best[j]:
@@ -160,7 +162,7 @@ def _prefix_groups(ids: list[list[int]], rows: list[int], min_shared: int) -> li
     while j > 0:
         i = cut[j]
         members = [order[k] for k in range(i, j)]
-        shared = min([len(ids[u]) - 1 for u in members] + lcp[i:j - 1])
+        shared = min([len(ids[u]) - reserve for u in members] + lcp[i:j - 1])
         groups.append((members, shared))
         j = i
     return groups[::-1]
@@ -354,7 +356,7 @@ class HFModel:
             cache.batch_select_indices(row_of_unique)
             if cascade is not None:
                 cascade.select(cascade.group[row_of_unique])
-        logits, mask, next_pos = logits[row_of_unique], mask[row_of_unique], next_pos[row_of_unique]
+        logits, mask, next_pos = logits[row_of_unique, -1], mask[row_of_unique], next_pos[row_of_unique]
 
         n = len(requests)
         generators = [torch.Generator(device="cpu").manual_seed(_row_seed(r)) for r in requests]
@@ -393,15 +395,16 @@ class HFModel:
             next_pos = next_pos + 1
         return [self._completion(tokens[i], logps[i], finish[i]) for i in range(n)]
 
-    def _prefill(self, ids: list[list[int]], rows: list[int], max_new: int):
+    def _prefill(self, ids: list[list[int]], rows: list[int], max_new: int, keep: int = 1):
         """Prefill distinct prompts (``rows[u]`` rows will decode prompt ``u``) into fresh KV
-        buffers: (cache, last-position logits, attention mask, next position, cascade or None).
+        buffers: (cache, logits of the last ``keep`` positions [prompts, keep, vocab], attention
+        mask, next position, cascade or None).
         Where prompts share a long head (the samples of a question: the same prompt, or the same
         question with its options in another order), the head is prefilled once per group and
         attended by cascade attention (``_Cascade``); the cache then holds only each row's own
         tokens. Otherwise one left-padded pass."""
         n_layers = self.model.config.num_hidden_layers
-        groups = _prefix_groups(ids, rows, self.options.min_shared_prefix)
+        groups = _prefix_groups(ids, rows, self.options.min_shared_prefix, reserve=keep)
         saving = sum((sum(rows[u] for u in members) - 1) * shared for members, shared in groups
                      if shared >= self.options.min_shared_prefix)
         if saving == 0 or min(shared for _, shared in groups) < 1 or \
@@ -410,8 +413,8 @@ class HFModel:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = Cache(layers=[_BufferLayer(input_ids.shape[1] + max_new) for _ in range(n_layers)])
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             cache=cache, use_cache=True, logits_to_keep=1)
-            return cache, out.logits[:, -1, :].float(), mask, positions[:, -1] + 1, None
+                             cache=cache, use_cache=True, logits_to_keep=keep)
+            return cache, out.logits[:, -keep:, :].float(), mask, positions[:, -1] + 1, None
         # keep the widths of one plain pass: a group whose head is longer than the head width
         # leaves its excess in its members' own tokens
         width = max(len(s) for s in ids)
@@ -432,8 +435,8 @@ class HFModel:
         positions = head_mask.sum(-1)[group][:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = Cache(layers=[_BufferLayer(tail_ids.shape[1] + max_new) for _ in range(n_layers)])
         out = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1, wowlib_cascade=cascade)
-        return cache, out.logits[:, -1, :].float(), mask, positions[:, -1] + 1, cascade
+                         use_cache=True, logits_to_keep=keep, wowlib_cascade=cascade)
+        return cache, out.logits[:, -keep:, :].float(), mask, positions[:, -1] + 1, cascade
 
     @staticmethod
     def _choose(logits: torch.Tensor, logprobs: torch.Tensor, decoding, generators) -> torch.Tensor:
@@ -484,25 +487,25 @@ class HFModel:
     def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
                         choices: Sequence[str], batch_size: int = 16) -> list[dict[str, float]]:
         """Log-prob of each choice right after ``prefix`` in the assistant turn, one forward pass
-        per prompt (batched, sorted by length). A choice may be several tokens if all choices
-        share all but their last token: SmolLM2 spells " 1" as a space token then "1", so the
-        log-prob of " 1" is log p(" ") + log p("1" | " ")."""
+        per distinct prompt. A choice may be several tokens if all choices share all but their
+        last token: SmolLM2 spells " 1" as a space token then "1", so the log-prob of " 1" is
+        log p(" ") + log p("1" | " ").
+
+        Prompts are batched in token order, so a judge's prompts about one question (the same
+        instruction before different answers, or the same five answers before "Response k:")
+        land together and share their head's prefill (``_prefill``, cascade attention)."""
         texts = [self.render(p, prefix) for p in prompts]
         shared, finals = self._choice_tokens(texts[0] if texts else prefix, choices)
         keep = len(shared) + 1
-        out: dict[int, dict[str, float]] = {}
-        encoded = [self.encode(t) + shared for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-        for batch in batches_of(order, batch_size):
-            ids, mask = self._left_pad([encoded[i] for i in batch])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                logits_to_keep=keep).logits[:, -keep:, :].float()
+        encoded = [tuple(self.encode(t) + shared) for t in texts]
+        out: dict[tuple[int, ...], dict[str, float]] = {}
+        for batch in batches_of(sorted(set(encoded)), batch_size):
+            _, logits, *_ = self._prefill([list(e) for e in batch], [1] * len(batch), 0, keep=keep)
             logprobs = torch.log_softmax(logits, dim=-1)
-            for row, i in enumerate(batch):
+            for row, e in enumerate(batch):
                 head = sum(logprobs[row, j, t].item() for j, t in enumerate(shared))
-                out[i] = {c: head + logprobs[row, -1, t].item() for c, t in zip(choices, finals)}
-        return [out[i] for i in range(len(texts))]
+                out[e] = {c: head + logprobs[row, -1, t].item() for c, t in zip(choices, finals)}
+        return [out[e] for e in encoded]
 
     def _choice_tokens(self, context: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
         """(tokens all choices share, the last token of each choice) after ``context``."""
