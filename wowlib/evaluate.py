@@ -673,40 +673,68 @@ class EvalConfig:
         return list(dict.fromkeys(own + extra))
 
 
-def answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks: Sequence[str]) -> list[dict]:
-    """One model (the base model, or the base model with an adapter) answers D_val and D_test of
-    ``tasks`` with the Phase 1 protocol; writes ``eval/<label>/<task>.jsonl`` (cached calls, so a
-    rerun or an interrupted run costs nothing twice) and returns the records."""
+def eval_params(config: EvalConfig, label: str, adapter: str | None, task: str) -> dict[str, Any]:
+    """The manifest parameters of ``eval/<label>/<task>.jsonl``; their ``hash`` decides reuse."""
+    params = {**asdict(config), "model": label, "adapter": adapter, "task": task}
+    params.pop("n_resamples")                  # bootstrap only: the answers do not depend on it
+    return {**params, "hash": store.content_hash(params)}
+
+
+def eval_items(config: EvalConfig, task) -> list[tuple[str, Any]]:
+    """The (split, question) items a model answers on ``task``, in record order: each split of
+    ``config.splits`` in turn, its first ``n_questions``. Not materialised: a shard of the items
+    completes only its own questions (``shard.run_evaluation_shard``)."""
+    splits = task.splits()
+    return [(split, q) for split in config.splits for q in splits[split][:config.n_questions]]
+
+
+def answer_items(llm, config: EvalConfig, task, items: Sequence[tuple[str, Any]], label: str) -> list[dict]:
+    """The Phase 1 protocol on (split, question) ``items`` (``eval_items`` or a contiguous range of
+    them), split by split in their order; every record's ``generator`` is ``label``."""
+    from itertools import groupby
+
     from .llm.base import Decoding
-    from .llm.cache import CachedLLM
-    from .llm.models import load_llm
     from .sample import answer_questions
-    from .tasks import get_task
     decoding = Decoding(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
     extraction = Decoding(temperature=0.0, max_new_tokens=config.extract_max_new_tokens)
-    llm = None
+    records = []
+    for split, group in groupby(items, key=lambda item: item[0]):
+        questions = task.materialise([q for _, q in group])
+        records += answer_questions(llm, task, questions, config.n_samples, decoding, extraction, config.seed, split)
+    for r in records:
+        r["generator"] = label
+    return records
+
+
+def write_eval(run, label: str, task: str, records: Sequence[dict], params: dict, model_key: str) -> None:
+    """``eval/<label>/<task>.jsonl`` and its manifest entry (``params`` from ``eval_params``)."""
+    path = run.eval(label, task)
+    store.write_jsonl(path, records)
+    store.write_manifest(path.parent, "evaluate", params, {"model": model_key}, [path], entry=task)
+
+
+def answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks: Sequence[str],
+                 llm=None) -> list[dict]:
+    """One model (the base model, or the base model with an adapter) answers D_val and D_test of
+    ``tasks`` with the Phase 1 protocol; writes ``eval/<label>/<task>.jsonl`` (cached calls, so a
+    rerun or an interrupted run costs nothing twice) and returns the records. A file whose
+    manifest entry has these parameters is reused as it is. ``llm``: a ``CachedLLM`` (default:
+    the model behind the run's cache, loaded when a task needs answers)."""
+    from .llm.cache import CachedLLM
+    from .llm.models import load_llm
+    from .tasks import get_task
     records = []
     for name in tasks:
         path = run.eval(label, name)
-        params = {**asdict(config), "model": label, "adapter": adapter, "task": name}
-        params.pop("n_resamples")
-        done = _manifest_params(path.parent, name)
-        if path.exists() and done == store.content_hash(params):
+        params = eval_params(config, label, adapter, name)
+        if path.exists() and _manifest_params(path.parent, name) == params["hash"]:
             records += store.read_jsonl(path)
             continue
         if llm is None:
             llm = CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
         task = get_task(name, **(config.task_options or {}).get(name, {}))
-        task_records = []
-        for split in config.splits:
-            questions = task.questions(split, config.n_questions)
-            task_records += answer_questions(llm, task, questions, config.n_samples, decoding, extraction,
-                                             config.seed, split)
-        for r in task_records:
-            r["generator"] = label
-        store.write_jsonl(path, task_records)
-        store.write_manifest(path.parent, "evaluate", {**params, "hash": store.content_hash(params)},
-                             {"model": llm.key}, [path], entry=name)
+        task_records = answer_items(llm, config, task, eval_items(config, task), label)
+        write_eval(run, label, name, task_records, params, llm.key)
         records += task_records
     return records
 
