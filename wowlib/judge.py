@@ -22,7 +22,9 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import paths, store
@@ -204,6 +206,67 @@ def _samples_of(samples: Sequence[dict], task_name: str, generator: str) -> dict
             if r["task"] == task_name and r["generator"] == generator}
 
 
+@dataclass(frozen=True)
+class JudgePlan:
+    """One (generator, judge, task, kind, mode) judging job before any call. Its units (pairs, or
+    score batches) are in output order, grouped by question (``question_ids``: one per unit), and
+    ``judge(indices)`` returns the records of those units in that order: a range of questions can
+    be judged on its own (``shard.run_judging_shard``) and the records concatenated."""
+
+    kind: str
+    mode: str
+    generator: str
+    judge_name: str
+    task: str
+    path: Path
+    params: dict
+    judge_key: str
+    question_ids: list[str]
+    judge: Callable[[Sequence[int]], list[dict]]
+    leftover: int = 0                       # score judge: valid responses left out of the batches
+
+
+def run_plan(plan: JudgePlan) -> list[dict]:
+    """Judge every unit of ``plan``, write its file and manifest entry, return the records.
+    Log-prob judgments complete for these parameters are read back instead; text mode always
+    reruns through the call cache (which also retries failed calls)."""
+    if plan.mode == "logprob" and _is_complete(plan.path, _entry_key(plan.path), plan.params):
+        log.info("%s: complete for these parameters, reusing it", plan.path)
+        return store.read_jsonl(plan.path)
+    records = plan.judge(range(len(plan.question_ids)))
+    write_judgments(plan.path, records, plan.params, plan.judge_key, plan.leftover)
+    return records
+
+
+def write_judgments(path: Path, records: list[dict], params: dict, judge_key: str, leftover: int = 0) -> dict:
+    """Write a judgments file (``<task>.<kind>.jsonl``) and its manifest entry; returns its stats."""
+    kind = params["kind"]
+    if kind == "pairwise":
+        stats = {"pairs": len(records), "statuses": _count(r["status"] for r in records),
+                 "swap_consistent": sum(map(is_swap_consistent, records))}
+    else:
+        stats = {"batches": len(records), "scored": BATCH * len(records), "leftover_unscored": leftover,
+                 "statuses": _count(r["status"] for r in records)}
+        if not records and leftover:
+            log.warning("%s: no question has %d valid responses, so nothing was scored (sample n_samples >= %d)",
+                        path, BATCH, BATCH)
+        elif leftover:
+            log.info("%s: %d valid responses left over from batches of %d (not scored)", path, leftover, BATCH)
+    _save(path, _entry_key(path), records, params, stats, judge_key)
+    log.info("%s (%s): %s", path, params["mode"], stats)
+    return stats
+
+
+def _entry_key(path: Path) -> str:
+    """The manifest entry of a judgments file: ``kc.pairwise`` for ``kc.pairwise.jsonl``."""
+    return path.name.removesuffix(".jsonl")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("text", "logprob"):
+        raise ValueError(f"mode must be 'text' or 'logprob', got {mode!r}")
+
+
 # ---------------------------------------------------------------------------- pairwise judge
 
 def cap_pairs(pairs: Sequence[Pair], cap: int | None, seed: int = 0) -> list[Pair]:
@@ -228,8 +291,18 @@ def judge_pairwise(llm, run: store.Run, generator: str, judge_name: str, task_na
     has ``swapped_verdict == 3 - verdict``. Writes ``run.judgments(generator, judge, task,
     "pairwise")`` (judge folder per ``judge_folder``) and returns the records.
     """
-    if mode not in ("text", "logprob"):
-        raise ValueError(f"mode must be 'text' or 'logprob', got {mode!r}")
+    return run_plan(pairwise_plan(llm, run, generator, judge_name, task_name, samples, pairs, mode, swap, cap,
+                                  seed, max_new_tokens, questions))
+
+
+def pairwise_plan(llm, run: store.Run, generator: str, judge_name: str, task_name: str,
+                  samples: Sequence[dict], pairs: Sequence[Pair] | None = None, mode: str = "text",
+                  swap: bool = True, cap: int | None = None, seed: int = 0,
+                  max_new_tokens: int = MAX_NEW_TOKENS,
+                  questions: Mapping[str, Question] | None = None) -> JudgePlan:
+    """``judge_pairwise`` before any call: the pairs kept after the cap (wow_pairs order, so grouped
+    by question), their prompts and the parameters of the output file."""
+    _check_mode(mode)
     by_sample = _samples_of(samples, task_name, generator)
     if pairs is None:
         pairs = wow_pairs(by_sample.values())
@@ -243,17 +316,24 @@ def judge_pairwise(llm, run: store.Run, generator: str, judge_name: str, task_na
         prompts.append(pairwise_prompt(instruction, out_i, out_j))
         swapped.append(pairwise_prompt(instruction, out_j, out_i))
     backend = _backend(llm)
-    path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "pairwise")
     params = {"kind": "pairwise", "mode": mode, "swap": swap, "cap": cap, "seed": seed, "judge_key": backend.key,
               "max_new_tokens": max_new_tokens if mode == "text" else None,
               "prompts": store.content_hash(prompts + (swapped if swap else []))}
-    key = f"{task_name}.pairwise"
-    if mode == "logprob" and _is_complete(path, key, params):
-        log.info("%s: complete for these parameters, reusing it", path)
-        return store.read_jsonl(path)
 
-    all_prompts = prompts + (swapped if swap else [])
-    records = [{"task": task_name, "question_id": p.question_id, "generator": generator, "judge": judge_name,
+    def judge(indices: Sequence[int]) -> list[dict]:
+        chosen = [pairs[k] for k in indices]
+        asked = [prompts[k] for k in indices] + ([swapped[k] for k in indices] if swap else [])
+        return _pairwise_records(llm, run, judge_name, mode, swap, max_new_tokens, chosen, asked)
+
+    path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "pairwise")
+    return JudgePlan("pairwise", mode, generator, judge_name, task_name, path, params, backend.key, [p.question_id for p in pairs], judge)
+
+
+def _pairwise_records(llm, run: store.Run, judge_name: str, mode: str, swap: bool, max_new_tokens: int,
+                      pairs: Sequence[Pair], all_prompts: Sequence[str]) -> list[dict]:
+    """The records of ``pairs``; ``all_prompts``: their prompts, then (``swap``) the swapped ones."""
+    task_name = pairs[0].task if pairs else ""
+    records = [{"task": p.task, "question_id": p.question_id, "generator": p.generator, "judge": judge_name,
                 "mode": mode, "i": p.i, "j": p.j, "proxy_i": p.proxy_i, "proxy_j": p.proxy_j}
                for p in pairs]
     if mode == "text":
@@ -269,7 +349,7 @@ def judge_pairwise(llm, run: store.Run, generator: str, judge_name: str, task_na
                 rec.update(swapped_text=c.text, swapped_verdict=s_verdict, swapped_status=s_status,
                            swapped_error=s_error)
     else:
-        lps = _choice_logprobs(backend, judge_name, all_prompts, PAIRWISE_PREFIX, PAIRWISE_CHOICES) \
+        lps = _choice_logprobs(_backend(llm), judge_name, list(all_prompts), PAIRWISE_PREFIX, PAIRWISE_CHOICES) \
             if all_prompts else []
         for k, rec in enumerate(records):
             verdict, status = _lp_verdict(lps[k])
@@ -282,10 +362,6 @@ def judge_pairwise(llm, run: store.Run, generator: str, judge_name: str, task_na
     for rec in records:
         if not swap:
             rec.update(swapped_text=None, swapped_verdict=None, swapped_status=None)
-    stats = {"pairs": len(records), "statuses": _count(r["status"] for r in records),
-             "swap_consistent": sum(map(is_swap_consistent, records))}
-    _save(path, key, records, params, stats, backend.key)
-    log.info("%s/%s/%s pairwise (%s): %s", generator, judge_name, task_name, mode, stats)
     return records
 
 
@@ -335,8 +411,17 @@ def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name
     skipping the reasoning the text mode would write first. Writes ``run.judgments(generator,
     judge_folder(judge, mode), task, "score")`` and returns one record per batch.
     """
-    if mode not in ("text", "logprob"):
-        raise ValueError(f"mode must be 'text' or 'logprob', got {mode!r}")
+    return run_plan(score_plan(llm, run, generator, judge_name, task_name, samples, mode, seed, max_new_tokens,
+                               questions))
+
+
+def score_plan(llm, run: store.Run, generator: str, judge_name: str, task_name: str,
+               samples: Sequence[dict], mode: str = "text", seed: int = 0,
+               max_new_tokens: int = 2 * MAX_NEW_TOKENS,
+               questions: Mapping[str, Question] | None = None) -> JudgePlan:
+    """``judge_scores`` before any call: the batches (per question, in question order), their
+    prompts and the parameters of the output file."""
+    _check_mode(mode)
     rows = [r for r in samples if r["task"] == task_name and r["generator"] == generator]
     batches, leftover = score_batches(rows, seed)
     task = get_task(task_name)
@@ -344,15 +429,23 @@ def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name
     prompts = [score_prompt(task.judge_query(questions[str(b[0]["question_id"])]), [r["response"] for r in b])
                for b in batches]
     backend = _backend(llm)
-    path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "score")
     params = {"kind": "score", "mode": mode, "seed": seed, "judge_key": backend.key,
               "max_new_tokens": max_new_tokens if mode == "text" else None, "prompts": store.content_hash(prompts)}
-    key = f"{task_name}.score"
-    if mode == "logprob" and _is_complete(path, key, params):
-        log.info("%s: complete for these parameters, reusing it", path)
-        return store.read_jsonl(path)
 
-    records = [{"task": task_name, "question_id": str(b[0]["question_id"]), "generator": generator,
+    def judge(indices: Sequence[int]) -> list[dict]:
+        return _score_records(llm, run, judge_name, mode, max_new_tokens, [batches[k] for k in indices],
+                              [prompts[k] for k in indices])
+
+    path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "score")
+    return JudgePlan("score", mode, generator, judge_name, task_name, path, params, backend.key, [str(b[0]["question_id"]) for b in batches], judge,
+                     leftover)
+
+
+def _score_records(llm, run: store.Run, judge_name: str, mode: str, max_new_tokens: int,
+                   batches: Sequence[list[dict]], prompts: Sequence[str]) -> list[dict]:
+    """One record per batch of responses (``prompts``: one per batch)."""
+    task_name = batches[0][0]["task"] if batches else ""
+    records = [{"task": b[0]["task"], "question_id": str(b[0]["question_id"]), "generator": b[0]["generator"],
                 "judge": judge_name, "mode": mode, "samples": [int(r["sample_idx"]) for r in b],
                 "proxies": [r["proxy"] for r in b]} for b in batches]
     if mode == "text":
@@ -363,22 +456,12 @@ def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name
             scores, status, error = _text_fields(c, parse_scores)
             rec.update(text=c.text, scores=scores, status=status, error=error)
     else:
-        per_k = [_choice_logprobs(backend, judge_name, prompts, f"Response {k}:\nScore:", SCORE_CHOICES)
+        per_k = [_choice_logprobs(_backend(llm), judge_name, list(prompts), f"Response {k}:\nScore:", SCORE_CHOICES)
                  if prompts else [] for k in range(1, BATCH + 1)]
         for b, rec in enumerate(records):
             lps = [per_k[k][b] for k in range(BATCH)]
             rec.update(text=None, scores=[expected_score(lp) for lp in lps], status="ok",
                        score_logprobs=[[lp[c] for c in SCORE_CHOICES] for lp in lps])
-    stats = {"batches": len(records), "scored": BATCH * len(records), "leftover_unscored": leftover,
-             "statuses": _count(r["status"] for r in records)}
-    if not records and leftover:
-        log.warning("%s/%s: no question has %d valid responses, so nothing was scored (sample n_samples >= %d)",
-                    generator, task_name, BATCH, BATCH)
-    elif leftover:
-        log.info("%s/%s: %d valid responses left over from batches of %d (not scored)",
-                 generator, task_name, leftover, BATCH)
-    _save(path, key, records, params, stats, backend.key)
-    log.info("%s/%s/%s score (%s): %s", generator, judge_name, task_name, mode, stats)
     return records
 
 
@@ -396,33 +479,41 @@ def load_judgments(run: store.Run, kind: str) -> list[dict]:
 def run_judging(run: store.Run, generators: Sequence[str], judges: Sequence[str], tasks: Sequence[str],
                 pairwise_modes: Sequence[str] = ("logprob", "text"), score_modes: Sequence[str] = ("text",),
                 caps: Mapping[str, int | None] | None = None, seed: int = 0,
-                max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+                max_new_tokens: int = MAX_NEW_TOKENS, load: Callable[[str], Any] | None = None) -> list[dict]:
     """Every judge x every generator's answers x every task, in the requested modes (the
     generator x judge cross of the paper). ``caps[mode]`` bounds the pairs judged per (generator,
-    judge, task) in that mode, like the paper's 10,000. Returns one summary row per call."""
+    judge, task) in that mode, like the paper's 10,000. ``load(judge_name)``: the judge (default
+    ``load_llm``). Returns one summary row per call."""
+    return [_summary_row(plan, run_plan(plan))
+            for plan in judging_plans(run, generators, judges, tasks, pairwise_modes, score_modes, caps, seed,
+                                      max_new_tokens, load)]
+
+
+def judging_plans(run: store.Run, generators: Sequence[str], judges: Sequence[str], tasks: Sequence[str],
+                  pairwise_modes: Sequence[str] = ("logprob", "text"), score_modes: Sequence[str] = ("text",),
+                  caps: Mapping[str, int | None] | None = None, seed: int = 0,
+                  max_new_tokens: int = MAX_NEW_TOKENS, load: Callable[[str], Any] | None = None) -> Iterator[JudgePlan]:
+    """The jobs of ``run_judging`` in its order, planned lazily (one judge model loaded at a time).
+    ``load(judge_name)``: the judge (default ``load_llm``; a sharded run passes its own cache)."""
     from .llm.models import load_llm
     from .sample import load_samples
     caps = dict(caps or {})
-    summary = []
     for judge_name in judges:
-        judge = load_llm(judge_name)
+        judge = (load or load_llm)(judge_name)
         for generator in generators:
             for task_name in tasks:
                 samples = load_samples(run, generator, task_name)
                 for mode in pairwise_modes:
-                    records = judge_pairwise(judge, run, generator, judge_name, task_name, samples, mode=mode,
-                                             cap=caps.get(mode), seed=seed, max_new_tokens=max_new_tokens)
-                    summary.append(_summary_row("pairwise", mode, judge_name, generator, task_name, records))
+                    yield pairwise_plan(judge, run, generator, judge_name, task_name, samples, mode=mode,
+                                        cap=caps.get(mode), seed=seed, max_new_tokens=max_new_tokens)
                 for mode in score_modes:
-                    records = judge_scores(judge, run, generator, judge_name, task_name, samples, mode=mode,
-                                           seed=seed, max_new_tokens=2 * max_new_tokens)
-                    summary.append(_summary_row("score", mode, judge_name, generator, task_name, records))
-    return summary
+                    yield score_plan(judge, run, generator, judge_name, task_name, samples, mode=mode, seed=seed,
+                                     max_new_tokens=2 * max_new_tokens)
 
 
-def _summary_row(kind: str, mode: str, judge: str, generator: str, task: str, records: Sequence[dict]) -> dict:
+def _summary_row(plan: JudgePlan, records: Sequence[dict]) -> dict:
     statuses = _count(r["status"] for r in records)
-    return {"kind": kind, "mode": mode, "judge": judge, "generator": generator, "task": task,
-            "calls": len(records), "ok": statuses.get("ok", 0),
+    return {"kind": plan.kind, "mode": plan.mode, "judge": plan.judge_name, "generator": plan.generator,
+            "task": plan.task, "calls": len(records), "ok": statuses.get("ok", 0),
             "unparsed": sum(v for k, v in statuses.items() if k not in ("ok", "error")),
             "errors": statuses.get("error", 0)}
