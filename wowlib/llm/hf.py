@@ -24,9 +24,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import AttentionInterface
@@ -485,7 +485,7 @@ class HFModel:
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
-                        choices: Sequence[str], batch_size: int = 16) -> list[dict[str, float]]:
+                        choices: Sequence[str], batch_size: int | None = None) -> list[dict[str, float]]:
         """Log-prob of each choice right after ``prefix`` in the assistant turn, one forward pass
         per distinct prompt. A choice may be several tokens if all choices share all but their
         last token: SmolLM2 spells " 1" as a space token then "1", so the log-prob of " 1" is
@@ -493,7 +493,10 @@ class HFModel:
 
         Prompts are batched in token order, so a judge's prompts about one question (the same
         instruction before different answers, or the same five answers before "Response k:")
-        land together and share their head's prefill (``_prefill``, cascade attention)."""
+        land together and share their head's prefill (``_prefill``, cascade attention).
+        ``batch_size`` defaults to 16, or ``max_batch`` if smaller: with ``max_batch=1`` a prompt's values
+        do not depend on the other prompts (float noise of the batch's shape), as for decoding."""
+        batch_size = batch_size or min(16, self.options.max_batch)
         texts = [self.render(p, prefix) for p in prompts]
         shared, finals = self._choice_tokens(texts[0] if texts else prefix, choices)
         keep = len(shared) + 1
