@@ -253,3 +253,11 @@ def test_ties_and_missing_scores_are_wrong_either_way():
     assert [o["agree"] for o in elicit.score_outcomes([up, down], missing, "m")] == [0, 0]
     ordered = {("kc", "g", "q", 0): 3.0, ("kc", "g", "q", 1): 2.0}
     assert [o["agree"] for o in elicit.score_outcomes([up, down], ordered, "m")] == [1, 0]
+
+
+def test_parse_failures_count_text_verdicts_only():
+    """A log-prob verdict cannot fail to parse: it must not dilute the text judge's failure rate."""
+    text = [{**r, "mode": "text", "status": "missing", "swapped_status": None} for r in PAIRWISE if r["task"] == "kc"]
+    logprob = [{**r, "mode": "logprob", "status": "ok", "swapped_status": "ok"} for r in PAIRWISE if r["task"] == "kc"]
+    stats = elicit.task_statistics(SAMPLES, pairwise=text + logprob).set_index("task")
+    assert stats.loc["kc", "pairwise_parse_fail"] == 1.0

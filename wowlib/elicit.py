@@ -411,11 +411,14 @@ def task_statistics(samples: Sequence[dict], pairwise: Iterable[dict] = (),
                     score: Iterable[dict] = ()) -> pd.DataFrame:
     """Per (task, generator): questions, samples, accuracy, mean confidence (exp of the mean token
     log-prob), share unparsed, errors, WoW pairs; and, when judgments are given, the share of
-    judge calls whose reply did not parse (over all judges; errors excluded)."""
+    text-mode judge calls whose reply did not parse (over all judges; errors excluded; a log-prob
+    verdict reads the digits' probabilities and cannot fail to parse, so it is not counted)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in samples:
         groups[(r["task"], r["generator"])].append(r)
     judged: dict[str, dict[tuple[str, str], list[str]]] = {"pairwise": defaultdict(list), "score": defaultdict(list)}
+    pairwise = [r for r in pairwise if r.get("mode", "text") == "text"]
+    score = [r for r in score if r.get("mode", "text") == "text"]
     for r in pairwise:
         judged["pairwise"][(r["task"], r["generator"])] += [r["status"]] + (
             [r["swapped_status"]] if r.get("swapped_status") is not None else [])

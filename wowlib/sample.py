@@ -167,7 +167,7 @@ def load_samples(run: store.Run, generator: str, task: str) -> list[dict]:
 # ---------------------------------------------------------------------------- for the notebook
 
 # Measured decoding throughput on 2 CPU cores (benchmarks/), used for cost estimates only.
-TOKENS_PER_SECOND = {"tiny": 2000.0, "smollm2-135m": 60.0, "gemma3-270m": 30.0}
+TOKENS_PER_SECOND = {"tiny": 2000.0, "smollm2-135m": 250.0, "gemma3-270m": 120.0}
 
 
 def plan_cost(config: SampleConfig) -> dict[str, Any]:
