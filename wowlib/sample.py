@@ -166,7 +166,9 @@ def load_samples(run: store.Run, generator: str, task: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------- for the notebook
 
-# Measured decoding throughput on 2 CPU cores (benchmarks/), used for cost estimates only.
+# Decoding throughput on 2 CPU cores, for cost estimates only. SmolLM2: measured in the cpu run
+# (240 answers, 20.9k tokens in 67 s) and in benchmarks/; gemma3-270m: NOT measured, assumed half
+# of SmolLM2's rate (twice the parameters).
 TOKENS_PER_SECOND = {"tiny": 2000.0, "smollm2-135m": 250.0, "gemma3-270m": 120.0}
 
 
