@@ -15,7 +15,8 @@ threads and library versions):
 3. parity: how far bf16 and int8 move the per-token log-probs from plain fp32 transformers;
 4. judging: pairwise verdicts per second, generated-text mode (the official loop's shape, and our
    sampler) vs next-token log-prob mode;
-5. DPO: pairs per second with and without precomputed reference log-probs.
+5. DPO: pairs per second with and without precomputed reference log-probs, and (in a process of
+   its own, for its peak memory) with activation checkpointing; NLGraph prompts, ~100-token answers.
 Each section runs in a fresh process, so the peak RSS printed for it is that stage's own peak.
 """
 from __future__ import annotations
@@ -273,14 +274,21 @@ def official_greedy(model, tokenizer, chats: list[list[dict]], max_new_tokens: i
                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 
 
+def dpo_prefs(args) -> list[dict]:
+    """Pairs shaped like the cpu run's: a real task prompt (NLGraph: ~700 tokens) and answers of
+    ~100 tokens (sequence length is what drives DPO's time and memory)."""
+    task = get_task(args.tasks[0])
+    steps = "".join(f"From node {i} to node {i + 1} the edge weight is {i % 7 + 1}. " for i in range(8))
+    return [{"prompt": task.prompt(q), "chosen": f"Step by step. {steps}The answer is 12.",
+             "rejected": f"Let me think. {steps}So the total is 40."} for q in task.questions("train", args.dpo_pairs)]
+
+
 def dpo_section(args, rows: list[dict]) -> None:
     import tempfile
     from wowlib import align
     threads = max(args.threads)
     torch.set_num_threads(threads)
-    task = get_task(args.tasks[0])
-    prefs = [{"prompt": task.prompt(q), "chosen": "Step by step, the answer is A.",
-              "rejected": "I am not sure; maybe the answer is D, or none."} for q in task.questions("train", args.dpo_pairs)]
+    prefs = dpo_prefs(args)
     print(f"\n== DPO: {len(prefs)} pairs, 1 epoch, LoRA r=16", flush=True)
     base = None
     for precompute in (False, True):
@@ -293,7 +301,24 @@ def dpo_section(args, rows: list[dict]) -> None:
     print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
 
 
-SECTIONS = {"sampling": sampling_section, "parity": parity_section, "judge": judge_section, "dpo": dpo_section}
+def dpo_checkpointing_section(args, rows: list[dict]) -> None:
+    """DPO as in the cpu run (precomputed reference) with activation checkpointing, in a process of
+    its own so that its peak RSS is its own (compare with the ``dpo`` section's)."""
+    import tempfile
+    from wowlib import align
+    threads = max(args.threads)
+    torch.set_num_threads(threads)
+    prefs = dpo_prefs(args)
+    print(f"\n== DPO with activation checkpointing: {len(prefs)} pairs", flush=True)
+    config = align.AlignConfig(trainer="dpo", num_train_epochs=1, activation_checkpointing=True)
+    with tempfile.TemporaryDirectory() as out:
+        _, seconds = timed(align.train, config, model_path(args.model), prefs, Path(out) / "adapter")
+    record(rows, "dpo", "DPO, precomputed reference, activation checkpointing", threads, len(prefs), "pairs", seconds)
+    print(f"  peak RSS {peak_rss_gb():.2f} GB", flush=True)
+
+
+SECTIONS = {"sampling": sampling_section, "parity": parity_section, "judge": judge_section, "dpo": dpo_section,
+            "dpo_checkpointing": dpo_checkpointing_section}
 
 
 def run_section(section: str, args) -> tuple[list[dict], float]:
@@ -317,7 +342,7 @@ def main() -> None:
     parser.add_argument("--dpo-pairs", type=int, default=8)
     parser.add_argument("--parity-prompts", type=int, default=2, help="questions per task for the parity section")
     parser.add_argument("--parity-tokens", type=int, default=64)
-    parser.add_argument("--sections", nargs="+", default=["sampling", "parity", "judge", "dpo"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check of the script)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

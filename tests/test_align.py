@@ -392,3 +392,19 @@ def test_config_round_trips_through_the_log(runs):
     out, _ = runs("orpo")
     assert AlignConfig(**align.read_log(out)["config"]) == toy_config("orpo")
     assert dataclasses.asdict(toy_config("orpo"))["target_modules"] == align.PROJECTIONS
+
+
+def test_activation_checkpointing_saves_memory_not_results(runs, tiny_dir, tmp_path):
+    """Recomputing activations in the backward pass gives the same adapter (so the same run key:
+    a run trained either way is reused), and trl really gets the setting."""
+    import torch
+    from safetensors.torch import load_file
+    plain, _ = runs("dpo")
+    config = toy_config("dpo", activation_checkpointing=True)
+    assert config.key == toy_config("dpo").key
+    assert align.run_key(config, tiny_dir, toy_prefs()) == align.run_key(toy_config("dpo"), tiny_dir, toy_prefs())
+    built = align.build_trainer(config, tiny_dir, toy_prefs(), None, output_dir=tmp_path / "t")
+    assert built.args.activation_checkpointing is True
+    out = align.train(config, tiny_dir, toy_prefs(), tmp_path / "ckpt")
+    a, b = load_file(plain / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

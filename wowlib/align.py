@@ -61,6 +61,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LOG_FILE = "train_log.json"
+RESULT_NEUTRAL = ("activation_checkpointing",)     # AlignConfig fields that change cost, not the adapter
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -91,6 +92,10 @@ class AlignConfig:
     simpo_gamma: float = 0.5                # simpo: target reward margin
     logging_steps: int = 10
     device: str = "auto"                    # "auto" (cuda if available) | "cpu" | "cuda"
+    # Recompute each layer's activations in the backward pass: less memory (NLGraph prompts of
+    # ~800 tokens: SmolLM2's DPO peak from ~6 GB to under 4 GB, benchmarks/) for more time. It
+    # does not change the result, so it is not part of the run's key.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -103,10 +108,14 @@ class AlignConfig:
         data["target_modules"] = list(self.target_modules)
         return data
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the trained adapter (``to_dict`` less the memory/time knobs)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL}
+
     @property
     def key(self) -> str:
         """A short hash of the hyper-parameters."""
-        return store.content_hash(self.to_dict())
+        return store.content_hash(self.identity())
 
     @property
     def tag(self) -> str:
@@ -303,7 +312,8 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
         "eval_strategy": "epoch" if eval_ds is not None else "no",
         "save_strategy": "no", "report_to": "none", "dataloader_num_workers": 0,
         "bf16": bf16, "fp16": False, "use_cpu": device == "cpu",
-        "activation_checkpointing": False,          # trl defaults it on; small models do not need it
+        # trl defaults it on; off unless asked (AlignConfig.activation_checkpointing)
+        "activation_checkpointing": config.activation_checkpointing,
     }
     kwargs = {"model": model, "train_dataset": train_ds, "eval_dataset": eval_ds, "processing_class": tokenizer,
                   "peft_config": peft_config}
@@ -366,7 +376,7 @@ def model_identity(model_dir: str | Path) -> dict[str, Any]:
 
 def run_key(config: AlignConfig, model_dir: str | Path, prefs: Any) -> str:
     """The content key of a training run: config + data + base model."""
-    return store.content_hash({"config": config.to_dict(), "data": data_hash(prefs),
+    return store.content_hash({"config": config.identity(), "data": data_hash(prefs),
                                "base_model": model_identity(model_dir)})
 
 
