@@ -38,20 +38,21 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from wowlib import store  # noqa: E402
-from wowlib.llm.base import Decoding, Request  # noqa: E402
-from wowlib.llm.hf import HFModel, HFOptions, _cpu_has_bf16, native_bf16  # noqa: E402
-from wowlib.llm.models import model_path  # noqa: E402
-from wowlib.tasks import get_task  # noqa: E402
+from wowlib import store
+from wowlib.llm.base import Decoding, Request
+from wowlib.llm.hf import HFModel, HFOptions, _cpu_has_bf16, native_bf16
+from wowlib.llm.models import model_path
+from wowlib.tasks import get_task
 
 RESULTS = REPO / "benchmarks" / "results.csv"
 
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -233,6 +234,7 @@ def parity_section(args, rows: list[dict]) -> None:
 
 def judge_section(args, rows: list[dict]) -> None:
     from transformers import AutoModelForCausalLM
+
     from wowlib import judge
     threads = max(args.threads)
     torch.set_num_threads(threads)
@@ -285,6 +287,7 @@ def dpo_prefs(args) -> list[dict]:
 
 def dpo_section(args, rows: list[dict]) -> None:
     import tempfile
+
     from wowlib import align
     threads = max(args.threads)
     torch.set_num_threads(threads)
@@ -305,6 +308,7 @@ def dpo_checkpointing_section(args, rows: list[dict]) -> None:
     """DPO as in the cpu run (precomputed reference) with activation checkpointing, in a process of
     its own so that its peak RSS is its own (compare with the ``dpo`` section's)."""
     import tempfile
+
     from wowlib import align
     threads = max(args.threads)
     torch.set_num_threads(threads)

@@ -61,7 +61,7 @@ def test_sampled_logprobs_match_teacher_forcing(tiny: HFModel) -> None:
 
 
 def test_sampling_is_reproducible_and_seeded(tiny: HFModel) -> None:
-    make = lambda seed: [Request.chat(_chat(p), Decoding(1.0, 16), sample_idx=i, seed=seed)  # noqa: E731
+    make = lambda seed: [Request.chat(_chat(p), Decoding(1.0, 16), sample_idx=i, seed=seed)
                          for p in PROMPTS[:2] for i in range(3)]
     first, again, other = (tiny.run_batch(make(0)), tiny.run_batch(make(0)), tiny.run_batch(make(1)))
     assert [c.text for c in first] == [c.text for c in again]
@@ -166,5 +166,5 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path: Path, tiny_dir: 
     resumed = store.read_jsonl(killed / "samples" / "tiny" / "kc.jsonl")
     assert resumed == store.read_jsonl(clean / "samples" / "tiny" / "kc.jsonl")
     assert len(resumed) == 20
-    keys = [json.loads(line)["key"] for f in (killed / "cache").glob("*.jsonl") for line in open(f)]
+    keys = [json.loads(line)["key"] for f in (killed / "cache").glob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == _cache_lines(clean)

@@ -16,12 +16,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wowlib.tasks import (LETTERS, DataError, ProxyUnavailable, generate_problems, get_task,
-                          parse_letter, parse_number, write_problems)
+from wowlib.tasks import (
+    LETTERS,
+    DataError,
+    ProxyUnavailable,
+    generate_problems,
+    get_task,
+    parse_letter,
+    parse_number,
+    write_problems,
+)
 from wowlib.tasks.chess import ChessPuzzles, win_chance
 from wowlib.tasks.kc import KnowledgeCrosswords
 from wowlib.tasks.medmcqa import MedMCQA
-from wowlib.tasks.nlgraph import MaximumFlow, Matching, ShortestPath
+from wowlib.tasks.nlgraph import Matching, MaximumFlow, ShortestPath
 from wowlib.tasks.open_ended import COM2, BioGeneration
 from wowlib.tasks.scibench import SciBench
 
@@ -749,7 +757,7 @@ def _shown_options(task, q, prompt: str) -> list[str]:
         rest = rest[len(marker):]
         # the longest option text that follows (options may be prefixes of each other)
         candidates = [o for o in q.options
-                      if rest.startswith(o) or rest.startswith(f'"{o}"')]
+                      if rest.startswith((o, f'"{o}"'))]
         assert candidates, rest[:80]
         text = max(candidates, key=len)
         rest = rest[len(text) + (2 if rest.startswith(f'"{text}"') else 0):].lstrip("; \n")

@@ -15,11 +15,12 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from . import paths
 
@@ -195,7 +196,7 @@ class Run:
     root: Path
 
     @classmethod
-    def named(cls, name: str | Path) -> "Run":
+    def named(cls, name: str | Path) -> Run:
         return cls(paths.run_dir(str(name)))
 
     def samples(self, generator: str, task: str) -> Path:

@@ -6,8 +6,9 @@ sample index and a seed. A backend answers a *batch* of requests; the call cache
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 Message = dict[str, str]
 
@@ -43,7 +44,7 @@ class Request:
 
     @classmethod
     def chat(cls, messages: Sequence[Message], decoding: Decoding = Decoding(), sample_idx: int = 0,
-             seed: int = 0) -> "Request":
+             seed: int = 0) -> Request:
         for m in messages:
             if set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"a message needs exactly 'role' (system/user/assistant) and 'content': {m!r:.80}")
@@ -72,7 +73,7 @@ class Completion:
     token_logprobs: list[float] | None = field(default=None, repr=False)
 
     @classmethod
-    def failed(cls, error: str) -> "Completion":
+    def failed(cls, error: str) -> Completion:
         return cls(text="", n_tokens=0, mean_logprob=None, finish="error", status="error", error=error)
 
     def as_json(self) -> dict:

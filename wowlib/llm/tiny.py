@@ -38,9 +38,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = ("the first option is wrong because the graph edge weight node path flow blank constraint "
-         "move position so we check each step then compare values and pick the best one answer "
-         "total sum capacity applicant job knowledge person film award prize city river").split()
+WORDS = ["the", "first", "option", "is", "wrong", "because", "the", "graph", "edge", "weight", "node", "path", "flow", "blank", "constraint", "move", "position", "so", "we", "check", "each", "step", "then", "compare", "values", "and", "pick", "the", "best", "one", "answer", "total", "sum", "capacity", "applicant", "job", "knowledge", "person", "film", "award", "prize", "city", "river"]
 
 
 def tiny_model_dir() -> Path:

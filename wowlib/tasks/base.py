@@ -12,9 +12,10 @@ import json
 import random
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from .. import paths
 
@@ -265,7 +266,7 @@ class Task:
             return parse_letter(text, len(q.options))
         raise NotImplementedError
 
-    def to_answer(self, parsed: float | int | None, order: list[int] | None) -> float | int | None:
+    def to_answer(self, parsed: float | None, order: list[int] | None) -> float | int | None:
         """Map a parsed reply to the answer in the ORIGINAL option order (mc) or keep the number."""
         if parsed is None or order is None:
             return parsed

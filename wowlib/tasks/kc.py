@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import random
 
-from .base import DataError, MultipleChoiceTask, Question, field_of, mc_question, read_jsonl, stable_seed
+from .base import (
+    DataError,
+    MultipleChoiceTask,
+    Question,
+    field_of,
+    mc_question,
+    read_jsonl,
+    stable_seed,
+)
 from .registry import register
 
 SOURCE = ("Knowledge Crosswords, github.com/Wenwen-D/KnowledgeCrosswords, "

@@ -7,7 +7,14 @@ preferences only.
 """
 from __future__ import annotations
 
-from .base import DataError, MultipleChoiceTask, Question, field_of, mc_question, read_jsonl
+from .base import (
+    DataError,
+    MultipleChoiceTask,
+    Question,
+    field_of,
+    mc_question,
+    read_jsonl,
+)
 from .registry import register
 
 SOURCE = "MedMCQA validation split, github.com/medmcqa/medmcqa (dev.json; MIT)"

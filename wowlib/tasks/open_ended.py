@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import ast
 import csv
-from typing import Callable
+from collections.abc import Callable
 
-from .base import (DataError, MultipleChoiceTask, ProxyUnavailable, Question, Task, field_of,
-                   read_jsonl)
+from .base import (
+    DataError,
+    MultipleChoiceTask,
+    ProxyUnavailable,
+    Question,
+    Task,
+    field_of,
+    read_jsonl,
+)
 from .registry import register
 
 Scorer = Callable[[str, str], float]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .base import DataError, Question, Task, field_of, parse_number, read_json, NUMBER
+from .base import NUMBER, DataError, Question, Task, field_of, parse_number, read_json
 from .registry import register
 
 SOURCE = "SciBench, github.com/mandyyyyii/scibench, dataset/original/*.json (MIT)"

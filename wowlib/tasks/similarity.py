@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import DataError, MultipleChoiceTask, Question, field_of, read_json, LETTERS
+from .base import LETTERS, DataError, MultipleChoiceTask, Question, field_of, read_json
 from .embeddings import ProxyCache, similarities_to_gold
 from .registry import register
 
@@ -55,7 +55,7 @@ class MMLUPro(SimilarityTask):
         path = self.path(self.data_file)
         try:
             frame = pd.read_parquet(path)
-        except Exception as err:
+        except (OSError, ValueError) as err:          # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"{path}: not a readable parquet file ({err})") from None
         missing = {"question_id", "question", "options", "answer_index", "src"} - set(frame.columns)
         if missing:
