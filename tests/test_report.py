@@ -380,3 +380,20 @@ def test_rendering_twice_gives_identical_files(full_run, rendered, notebook):
         assert again.stat().st_size > 0, p.name
         if p.suffix in (".csv", ".md", ".pdf"):
             assert again.read_bytes() == p.read_bytes(), p.name
+
+
+def test_a_results_bundle_renders_what_the_run_renders(full_run, rendered, tmp_path):
+    """The committed results bundle (report inputs only) gives the same tables and figures as the
+    whole run directory, with no model: what the repository's figures/ are re-rendered from."""
+    bundle = tmp_path / "bundle"
+    copied = report.write_bundle(full_run, bundle)
+    assert copied and all(p.stat().st_size > 0 for p in copied)
+    assert not list(bundle.glob("samples")) and not list(bundle.rglob("*.safetensors"))
+    out = tmp_path / "out"
+    assert report.main([str(bundle), "--out", str(out)]) == 0
+    _, written = rendered
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    for p in written:
+        if p.suffix in (".csv", ".md", ".pdf"):
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    assert report.main([str(tmp_path / "nope")]) == 2

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1027,3 +1028,55 @@ def write_report(run: RunLike, out_dir: Path | str | None = None) -> list[Path]:
     log.info("report: %d files written, %d items skipped", len(written),
              sum(art.skipped for art in artifacts))
     return written
+
+
+# ---------------------------------------------------------------------------- results bundle
+
+# What the report reads (everything above), relative to a run directory: a few MB of CSV/JSON,
+# no adapters, no caches, no Phase 1 samples.
+BUNDLE_FILES = ("elicitation/*.csv", "prefs/summary.csv", "models/summary.csv", "models/*/train_log.json",
+                "eval/*.csv", "eval/*/*.jsonl")
+
+
+def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
+    """Copy the report's inputs from ``run`` into ``dest`` (same layout), so that the tables and
+    figures can be re-rendered with no model and no run: ``write_report(dest, out)``."""
+    run, dest = as_run(run), Path(dest)
+    if not run.root.exists():
+        raise FileNotFoundError(f"no run directory {run.root}")
+    copied = []
+    for pattern in BUNDLE_FILES:
+        for path in sorted(run.root.glob(pattern)):
+            if any(part.startswith(".") for part in path.relative_to(run.root).parts):
+                continue                      # an interrupted adapter's temporary folder
+            target = dest / path.relative_to(run.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+            copied.append(target)
+    log.info("bundle: %d files from %s -> %s", len(copied), run.root, dest)
+    return copied
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m wowlib.report RUN_DIR [--out DIR] [--bundle DEST]``."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m wowlib.report", description="Tables and figures of a run "
+                                     "directory (or of a results bundle), with no model.")
+    parser.add_argument("run", help="a run directory (runs/<profile>) or a results bundle (results/<profile>)")
+    parser.add_argument("--out", default=None, help="where to write (default: the repository's figures/)")
+    parser.add_argument("--bundle", default=None, help="instead, copy the report's inputs into this folder")
+    args = parser.parse_args(argv)
+    run = store.Run(Path(args.run).resolve())
+    try:
+        if args.bundle:
+            print(f"{len(write_bundle(run, args.bundle))} files copied into {args.bundle}")
+        else:
+            print(f"{len(write_report(run, args.out))} files written")
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
