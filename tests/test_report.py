@@ -397,3 +397,14 @@ def test_a_results_bundle_renders_what_the_run_renders(full_run, rendered, tmp_p
         if p.suffix in (".csv", ".md", ".pdf"):
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
     assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def test_committed_figures_rerender_from_the_committed_bundle(tmp_path):
+    """figures/ (the cpu run's) is what results/cpu renders to, with no model and no run."""
+    bundle, committed = paths.REPO_ROOT / "results" / "cpu", paths.REPO_ROOT / "figures"
+    out = tmp_path / "figures"
+    assert report.main([str(bundle), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for p in committed.iterdir():
+        if p.suffix in (".csv", ".md", ".pdf"):
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
