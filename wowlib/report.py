@@ -62,9 +62,10 @@ RunLike = store.Run | str | Path
 
 def set_style() -> None:
     """The one style of every figure: seaborn whitegrid, colour-blind palette, fonts legible on a
-    slide."""
+    slide. The font is matplotlib's own DejaVu Sans, so that a machine with other fonts installed
+    (seaborn would prefer Arial) renders the same files."""
     import seaborn as sns
-    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind", font_scale=1.3,
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind", font="DejaVu Sans", font_scale=1.3,
                   rc={"figure.dpi": 100, "savefig.dpi": DPI,
                       "axes.titleweight": "bold", "legend.frameon": False})
 
