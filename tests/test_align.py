@@ -408,3 +408,23 @@ def test_activation_checkpointing_saves_memory_not_results(runs, tiny_dir, tmp_p
     out = align.train(config, tiny_dir, toy_prefs(), tmp_path / "ckpt")
     a, b = load_file(plain / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_quantised_loading_is_a_gpu_option_and_leaves_old_keys_alone(tiny_dir):
+    """4-bit/8-bit base models (the paper's QLoRA) only on CUDA: refused on CPU with a clear error;
+    the field is left out of the key at its default, so runs trained before it existed are reused."""
+    import torch
+    with pytest.raises(ValueError, match="quantization"):
+        AlignConfig(quantization="3bit")
+    with pytest.raises(ValueError, match="CUDA"):
+        AlignConfig(quantization="4bit", device="cpu")
+    assert "quantization" not in toy_config("dpo").identity()
+    assert AlignConfig(quantization="4bit").identity()["quantization"] == "4bit"
+    assert AlignConfig(quantization="4bit").key != AlignConfig().key
+    four = align.quantization_config("4bit", bf16=True)
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_compute_dtype == torch.bfloat16
+    assert align.quantization_config("8bit", bf16=False).load_in_8bit
+    assert align.quantization_config(None, bf16=True) is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            align.build_trainer(AlignConfig(quantization="4bit"), tiny_dir, toy_prefs())

@@ -62,6 +62,8 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LOG_FILE = "train_log.json"
 RESULT_NEUTRAL = ("activation_checkpointing",)     # AlignConfig fields that change cost, not the adapter
+ADDED_LATER = {"quantization": None}   # left out of the key at these defaults: older runs keep theirs
+QUANTIZATIONS = (None, "4bit", "8bit")
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -96,6 +98,9 @@ class AlignConfig:
     # ~800 tokens: SmolLM2's DPO peak from ~6 GB to under 4 GB, benchmarks/) for more time. It
     # does not change the result, so it is not part of the run's key.
     activation_checkpointing: bool = False
+    # "4bit" (NF4, QLoRA: what the paper trained) or "8bit": the base model loaded quantised by
+    # bitsandbytes (pip install -e '.[gpu]'), on a CUDA GPU only; None: bf16 on a GPU, fp32 on CPU.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -110,7 +115,8 @@ class AlignConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the trained adapter (``to_dict`` less the memory/time knobs)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESULT_NEUTRAL}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RESULT_NEUTRAL and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
     @property
     def key(self) -> str:
@@ -161,6 +167,10 @@ def _problems(c: AlignConfig) -> Iterable[str]:
         yield f"simpo_gamma: must be >= 0, got {c.simpo_gamma!r}"
     if c.device not in ("auto", "cpu", "cuda"):
         yield f"device: must be 'auto', 'cpu' or 'cuda', got {c.device!r}"
+    if c.quantization not in QUANTIZATIONS:
+        yield f"quantization: must be one of {QUANTIZATIONS}, got {c.quantization!r}"
+    if c.quantization is not None and c.device == "cpu":
+        yield "quantization: 4-bit/8-bit loading (bitsandbytes) needs a CUDA GPU; on a CPU use quantization=None"
 
 
 def grid(base: AlignConfig, **axes: Sequence[Any]) -> list[AlignConfig]:
@@ -260,6 +270,19 @@ def resolve_device(config: AlignConfig) -> str:
     return config.device
 
 
+def quantization_config(kind: str | None, bf16: bool):
+    """transformers' ``BitsAndBytesConfig`` for ``AlignConfig.quantization`` (None: no quantisation).
+    4-bit is the QLoRA recipe: NF4 weights, double quantisation, bf16 (or fp16) compute."""
+    if kind is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
 def load_tokenizer(model_dir: str | Path):
     """The model's tokenizer with a pad token (eos if it has none) and a chat template (required)."""
     from transformers import AutoTokenizer
@@ -292,8 +315,16 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
         output_dir = tempfile.mkdtemp(prefix="wowlib-align-")
     set_seed(config.seed)
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16 if bf16 else torch.float32)
-    if getattr(model.config, "quantization_config", None) is not None:
+    if config.quantization is not None and device != "cuda":
+        raise ValueError(f"AlignConfig.quantization={config.quantization!r}: 4-bit/8-bit loading (bitsandbytes) "
+                         "needs a CUDA GPU; on a CPU train the plain model (quantization=None)")
+    quantized = quantization_config(config.quantization, bf16)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 quantization_config=quantized)
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.activation_checkpointing)
+    elif getattr(model.config, "quantization_config", None) is not None:
         raise ValueError(f"{model_dir}: a quantised checkpoint cannot be trained here; convert it to a plain one "
                          "(wowlib.llm.models.converted_checkpoint)")
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
