@@ -28,7 +28,6 @@ NOTEBOOKS = ("01_sample_wrong", "02_elicit", "03_align", "04_evaluate", "05_figu
 # Rough throughput for the GPU-hour estimate (stated assumptions, not measurements): an 8B model
 # on one A100-80GB with vLLM, batched sampling; LoRA DPO on ~600-token pairs.
 GPU_TOKENS_PER_SECOND = 2000.0
-SCORE_BATCH = 5                 # responses per score-judge prompt (wowlib.judge.BATCH)
 GPU_SECONDS_PER_PAIR = 1.0
 PAPER_TRAIN_QUESTIONS = 500            # 625 sampled x 8:1:1; used when a dataset is not present
 # Counts and caps where null means "all" (any other null would only fail later, inside a notebook).
@@ -136,9 +135,10 @@ def check_names(p: Mapping[str, Any], where: str) -> None:
             raise ProfileError(f"{where}: {key}: {bad} not in {list(allowed)}")
     if p["judge_mode"] not in ("logprob", "text"):
         raise ProfileError(f"{where}: judge_mode must be 'logprob' or 'text', got {p['judge_mode']!r}")
-    if p["score_modes"] and p["n_samples"] < SCORE_BATCH:
-        raise ProfileError(f"{where}: n_samples = {p['n_samples']}: the score judge grades {SCORE_BATCH} answers of one "
-                           f"question per prompt, so score_modes {p['score_modes']} need n_samples >= {SCORE_BATCH} "
+    from .judge import BATCH
+    if p["score_modes"] and p["n_samples"] < BATCH:
+        raise ProfileError(f"{where}: n_samples = {p['n_samples']}: the score judge grades {BATCH} answers of one "
+                           f"question per prompt, so score_modes {p['score_modes']} need n_samples >= {BATCH} "
                            "(or score_modes: [])")
 
 
@@ -167,13 +167,14 @@ def plan(p: Mapping[str, Any]) -> dict[str, Any]:
     q_train = {t: _train_questions(t, p["n_questions"]) for t in p["tasks"]}
     q_eval = {t: max(1, (q + 7) // 8) if p["eval_n_questions"] is None else p["eval_n_questions"]
               for t, (q, _) in q_train.items()}
+    from .judge import BATCH
     n, gens, judges = p["n_samples"], len(p["generators"]), len(p["judges"])
     answers = sum(q for q, _ in q_train.values()) * n * gens
     pairs = sum(q for q, _ in q_train.values()) * math.comb(n, 2)
     text_pairs = sum(min(q * math.comb(n, 2), p["text_cap"] or math.inf) for q, _ in q_train.values())
     judge_calls = judges * gens * (2 * (pairs * ("logprob" in p["pairwise_modes"])
                                         + text_pairs * ("text" in p["pairwise_modes"]))
-                                   + math.ceil(answers / gens / 5) * len(p["score_modes"]))
+                                   + math.ceil(answers / gens / BATCH) * len(p["score_modes"]))
     grid = (len(p["learning_rates"]) * len(p["lr_schedulers"]) * len(p["weight_decays"]) * len(p["epochs"])
             * len(p["trainers"]))
     sets_per_task = len(p["sources"]) * len(set(p["preference_types"]) | set(p["controls"]))

@@ -326,7 +326,8 @@ def pairwise_plan(llm, run: store.Run, generator: str, judge_name: str, task_nam
         return _pairwise_records(llm, run, judge_name, mode, swap, max_new_tokens, chosen, asked)
 
     path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "pairwise")
-    return JudgePlan("pairwise", mode, generator, judge_name, task_name, path, params, backend.key, [p.question_id for p in pairs], judge)
+    return JudgePlan("pairwise", mode, generator, judge_name, task_name, path, params, backend.key,
+                     question_ids=[p.question_id for p in pairs], judge=judge)
 
 
 def _pairwise_records(llm, run: store.Run, judge_name: str, mode: str, swap: bool, max_new_tokens: int,
@@ -437,8 +438,8 @@ def score_plan(llm, run: store.Run, generator: str, judge_name: str, task_name: 
                               [prompts[k] for k in indices])
 
     path = run.judgments(generator, judge_folder(judge_name, mode), task_name, "score")
-    return JudgePlan("score", mode, generator, judge_name, task_name, path, params, backend.key, [str(b[0]["question_id"]) for b in batches], judge,
-                     leftover)
+    return JudgePlan("score", mode, generator, judge_name, task_name, path, params, backend.key,
+                     question_ids=[str(b[0]["question_id"]) for b in batches], judge=judge, leftover=leftover)
 
 
 def _score_records(llm, run: store.Run, judge_name: str, mode: str, max_new_tokens: int,
@@ -456,7 +457,8 @@ def _score_records(llm, run: store.Run, judge_name: str, mode: str, max_new_toke
             scores, status, error = _text_fields(c, parse_scores)
             rec.update(text=c.text, scores=scores, status=status, error=error)
     else:
-        per_k = [_choice_logprobs(_backend(llm), judge_name, list(prompts), f"Response {k}:\nScore:", SCORE_CHOICES)
+        backend = _backend(llm)
+        per_k = [_choice_logprobs(backend, judge_name, list(prompts), f"Response {k}:\nScore:", SCORE_CHOICES)
                  if prompts else [] for k in range(1, BATCH + 1)]
         for b, rec in enumerate(records):
             lps = [per_k[k][b] for k in range(BATCH)]
