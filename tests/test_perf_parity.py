@@ -27,7 +27,14 @@ import pytest
 import torch
 
 from wowlib.llm.base import Decoding, Request
-from wowlib.llm.hf import HFModel, HFOptions, _cpu_has_bf16, _prefix_groups
+from wowlib.llm.hf import (
+    HFModel,
+    HFOptions,
+    _cpu_has_bf16,
+    _prefix_groups,
+    blocked_argmax,
+    inverse_cdf,
+)
 
 PROMPTS = ["Question: which path is shortest? Options:\nA. 3\nB. 5\nC. 7\nD. 2\n",
            "Question: pick the best move. Options:\nA. e4\nB. d4\nC. Nf3\nD. c4\n",
@@ -146,6 +153,39 @@ def test_inverse_cdf_sampling_has_the_model_distribution() -> None:
     top = HFModel._choose(rows[:2000], torch.log_softmax(rows[:2000], -1), Decoding(temperature=1.0, top_p=0.6),
                           generators[:2000])
     assert set(top.tolist()) <= {0, 2}                    # top-p keeps the smallest set reaching 0.6
+
+
+def test_two_level_inverse_cdf_picks_the_same_tokens_as_one_running_sum() -> None:
+    """The two-level search (block masses, then one block) is the plain inverse CDF: the same
+    token for the same uniform number, with a vocabulary that is not a multiple of the block,
+    zero-mass tokens and whole zero-mass blocks."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(400, 1000, generator=gen) ** 8
+    probs[:, 256:512] = 0.0                                   # a block with no mass
+    probs[torch.rand(probs.shape, generator=gen) < 0.3] = 0.0
+    probs[:5], probs[5:10] = 0.0, 0.0
+    probs[:5, 0], probs[5:10, -1] = 1.0, 1.0                  # all mass on the first / last token
+    probs = probs / probs.sum(-1, keepdim=True)
+    u = torch.rand(400, generator=gen, dtype=torch.float64)
+    u[:3] = 0.0
+    cdf = probs.double().cumsum(-1)
+    reference = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    fast = inverse_cdf(probs, u)
+    assert (probs[torch.arange(400), fast] > 0).all()
+    assert (fast == reference).float().mean() >= 0.995       # differ only where rounding decides
+    assert fast[:5].tolist() == [0] * 5 and fast[5:10].tolist() == [999] * 5
+
+
+def test_blocked_argmax_is_argmax_with_ties_and_a_ragged_last_block() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(50, 700, generator=gen)
+    logits[0, [3, 600]] = 100.0                               # tie across blocks: the first wins
+    logits[1, [520, 521]] = 100.0                             # tie inside a block
+    logits[2, 699] = 100.0                                    # in the padded last block
+    logits[3, :] = float("-inf")
+    logits[3, 650] = 0.0
+    assert blocked_argmax(logits).tolist() == logits.argmax(-1).tolist()
+    assert blocked_argmax(logits.bfloat16()).tolist() == logits.bfloat16().argmax(-1).tolist()
 
 
 def test_choice_logprobs_with_shared_heads_equal_plain_forward_passes(tiny_dir: Path, fp32: HFModel) -> None:

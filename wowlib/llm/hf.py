@@ -177,25 +177,19 @@ class _Cascade:
     step reads a head once per group instead of once per row (decoding is memory-bound on CPU,
     and the KV cache is the larger part of what a step reads)."""
 
-    def __init__(self, head_cache: Cache, head_mask: torch.Tensor, group: torch.Tensor, dtype: torch.dtype) -> None:
-        self.heads = [(layer.keys, layer.values) for layer in head_cache.layers]
-        bias = torch.zeros(head_mask.shape, dtype=dtype, device=head_mask.device)
-        self.head_bias = bias.masked_fill(head_mask == 0, float("-inf"))[:, None, None, :]
-        self.n_groups = head_mask.shape[0]
+    def __init__(self, heads: list[list[tuple[torch.Tensor, torch.Tensor]]], group: torch.Tensor) -> None:
+        """``heads[layer][g]``: group g's head keys and values in that layer, [1, kv heads,
+        head length, dim]; ``group``: each row's group."""
+        self.heads = heads
+        self.n_groups = len(heads[0])
         self.select(group)
 
     def select(self, group: torch.Tensor) -> None:
         """Set each live row's group (after a batch is expanded or rows leave it)."""
         self.group = group
-        counts = torch.bincount(group, minlength=self.n_groups)
-        self.width = int(counts.max())                                  # rows per group, padded
-        order = torch.argsort(group, stable=True)
-        starts = counts.cumsum(0) - counts
-        slot = group[order] * self.width + torch.arange(len(group), device=group.device) - starts[group[order]]
-        self.gather = torch.zeros(self.n_groups * self.width, dtype=torch.long, device=group.device)
-        self.gather[slot] = order                                      # padding slots read row 0
-        self.slot = torch.empty_like(group)
-        self.slot[order] = slot
+        self.order = torch.argsort(group, stable=True)                 # rows sorted by group
+        self.unsort = torch.argsort(self.order)
+        self.counts = torch.bincount(group, minlength=self.n_groups).tolist()
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
@@ -213,17 +207,72 @@ class _Cascade:
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         out_own, lse_own = flash(q, key, value, attn_mask=bias, scale=scale)
         # shared heads: one attention call per group over all its rows' queries
-        head_k, head_v = self.heads[layer]
-        qg = q[self.gather].view(self.n_groups, self.width, n_kv, per, dim).transpose(1, 2)
-        out_head, lse_head = flash(qg.reshape(self.n_groups, n_kv, self.width * per, dim), head_k, head_v,
-                                   attn_mask=self.head_bias, scale=scale)
-        out_head = out_head.view(self.n_groups, n_kv, self.width, per, dim).transpose(1, 2)
-        out_head = out_head.reshape(-1, n_kv, per, dim)[self.slot]
-        lse_head = lse_head.view(self.n_groups, n_kv, self.width, per).transpose(1, 2).reshape(-1, n_kv, per)[self.slot]
-        top = torch.maximum(lse_head, lse_own)
-        w_head, w_own = (lse_head - top).exp()[..., None], (lse_own - top).exp()[..., None]
-        out = (out_head.float() * w_head + out_own.float() * w_own) / (w_head + w_own)
+        out_head, lse_head = self._heads(layer, q, scale)
+        # softmax over [head, own] from its two parts: weights exp(lse) / (exp(lse_head) + exp(lse_own))
+        w_head = torch.sigmoid(lse_head - lse_own)[..., None]
+        out = torch.lerp(out_own.float(), out_head.float(), w_head)
         return out.to(query.dtype).view(batch, n_q, length, dim).transpose(1, 2).contiguous()
+
+    def _heads(self, layer: int, q: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of every row's queries over its group's head: one call per group, over that
+        group's rows only and its head's real tokens only (no padding, no mask). One batched
+        call with every group padded to the widest and every head to the longest was the
+        largest cost of both prefill (3.8 s of a 9.7 s prefill of 31 sampling prompts) and a
+        decoding step (37% slower than this loop, measured)."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        _, n_kv, per, dim = q.shape
+        q_sorted, outs, lses, first = q[self.order], [], [], 0
+        for (head_k, head_v), count in zip(self.heads[layer], self.counts):
+            if count == 0:
+                continue
+            qg = q_sorted[first:first + count].transpose(0, 1).reshape(1, n_kv, count * per, dim)
+            o, s = flash(qg, head_k, head_v, scale=scale)
+            outs.append(o.view(n_kv, count, per, dim).transpose(0, 1))
+            lses.append(s.view(n_kv, count, per).transpose(0, 1))
+            first += count
+        return torch.cat(outs)[self.unsort], torch.cat(lses)[self.unsort]
+
+
+VOCAB_BLOCK = 256       # two-level search over the vocabulary: blocks of this many tokens
+
+
+def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """[rows, vocab] -> [rows, blocks, VOCAB_BLOCK], padding the last block with ``fill``."""
+    pad = -x.shape[-1] % VOCAB_BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.view(x.shape[0], -1, VOCAB_BLOCK)
+
+
+def _last_positive(cumulative: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last entry with mass: the first where the running sum is final."""
+    return (cumulative < cumulative[:, -1:]).sum(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the token whose cumulative mass first exceeds ``u * total`` (``u`` in [0, 1),
+    float64): a draw from ``probs``, never a zero-mass token. Two levels (block masses, then one
+    block's running sum): a float64 running sum over a 49k vocabulary took 29 ms per decoding step
+    at 64 rows, a third of SmolLM2's forward pass (measured, 1 thread)."""
+    rows = torch.arange(probs.shape[0])
+    blocks = _blocks(probs, 0.0)
+    cdf = blocks.sum(-1).double().cumsum(-1)                       # [rows, blocks]
+    target = u * cdf[:, -1]
+    block = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    block = torch.minimum(block, _last_positive(cdf))               # rounding at the very end
+    below = torch.where(block > 0, cdf[rows, (block - 1).clamp(min=0)], 0.0)
+    inner = blocks[rows, block].double().cumsum(-1)                 # [rows, VOCAB_BLOCK]
+    token = torch.searchsorted(inner, (target - below)[:, None], right=True).squeeze(-1)
+    return block * VOCAB_BLOCK + torch.minimum(token, _last_positive(inner))
+
+
+def blocked_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` (the first maximum), from block maxima: ~10x faster than torch's
+    argmax over a 49k vocabulary on CPU (8 ms vs 0.9 ms at 64 rows, measured)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    blocks = _blocks(logits, float("-inf"))
+    block = blocks.amax(-1).argmax(-1)
+    return block * VOCAB_BLOCK + blocks[rows, block].argmax(-1)
 
 
 def _row_seed(request: Request) -> int:
@@ -415,28 +464,32 @@ class HFModel:
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              cache=cache, use_cache=True, logits_to_keep=keep)
             return cache, out.logits[:, -keep:, :].float(), mask, positions[:, -1] + 1, None
-        # keep the widths of one plain pass: a group whose head is longer than the head width
-        # leaves its excess in its members' own tokens
-        width = max(len(s) for s in ids)
-        tail_width = max(max(len(ids[u]) for u in members) - shared for members, shared in groups)
         heads, tails, group_of = [], [None] * len(ids), [0] * len(ids)
         for g, (members, shared) in enumerate(groups):
-            head = min(shared, width - tail_width)
-            heads.append(ids[members[0]][:head])
+            heads.append(ids[members[0]][:shared])
             for u in members:
-                tails[u], group_of[u] = ids[u][head:], g
-        head_ids, head_mask = self._left_pad(heads)
-        head_cache = Cache(layers=[_BufferLayer(head_ids.shape[1]) for _ in range(n_layers)])
-        self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
-                   cache=head_cache, use_cache=True, logits_to_keep=1)
+                tails[u], group_of[u] = ids[u][shared:], g
         group = torch.tensor(group_of, device=self.device)
-        cascade = _Cascade(head_cache, head_mask, group, next(self.model.parameters()).dtype)
+        cascade = _Cascade(self._prefill_heads(heads), group)
         tail_ids, mask = self._left_pad(tails)
-        positions = head_mask.sum(-1)[group][:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        head_length = torch.tensor([len(h) for h in heads], device=self.device)
+        positions = head_length[group][:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = Cache(layers=[_BufferLayer(tail_ids.shape[1] + max_new) for _ in range(n_layers)])
         out = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=keep, wowlib_cascade=cascade)
         return cache, out.logits[:, -keep:, :].float(), mask, positions[:, -1] + 1, cascade
+
+    def _prefill_heads(self, heads: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Prefill each shared head alone (heads differ in length: a padded batch computed ~30%
+        padding on the sampling workload): per layer, each head's (keys, values)."""
+        n_layers = self.model.config.num_hidden_layers
+        caches = []
+        for head in heads:
+            cache = Cache(layers=[_BufferLayer(len(head)) for _ in range(n_layers)])
+            self.model(input_ids=torch.tensor([head], device=self.device), cache=cache, use_cache=True,
+                       position_ids=torch.arange(len(head), device=self.device)[None], logits_to_keep=1)
+            caches.append(cache)
+        return [[(c.layers[layer].keys, c.layers[layer].values) for c in caches] for layer in range(n_layers)]
 
     @staticmethod
     def _choose(logits: torch.Tensor, logprobs: torch.Tensor, decoding, generators) -> torch.Tensor:
@@ -444,18 +497,15 @@ class HFModel:
         number per row and step; ``torch.multinomial`` draws one exponential per vocabulary entry,
         ~1.5 ms a row at 49k tokens, which was ~8% of decode time)."""
         if decoding.greedy:
-            return logits.argmax(dim=-1)
+            return blocked_argmax(logits)
         probs = logprobs.exp() if decoding.temperature == 1.0 else torch.softmax(logits / decoding.temperature, dim=-1)
         if decoding.top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > decoding.top_p
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        cdf = probs.cpu().double().cumsum(-1)
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-        # right=True: the first token whose cumulative mass exceeds u * total, never a zero-mass one
-        chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-        return chosen.clamp(max=probs.shape[-1] - 1).to(logits.device)
+        return inverse_cdf(probs.float().cpu(), u).to(logits.device)
 
     def _hit_stop_string(self, tokens: list[int]) -> bool:
         if not self.stop_strings:
