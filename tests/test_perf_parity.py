@@ -130,6 +130,11 @@ def test_cascade_attention_over_shared_heads_equals_plain_attention(tiny_dir: Pa
     assert max(len(m) for m, _ in groups) == len(ORDERS)       # the three orders share a head
     _, _, _, _, cascade = fp32._prefill(ids, [2, 2, 2, 1, 1], 4)
     assert cascade is not None and plain._prefill(ids, [2, 2, 2, 1, 1], 4)[-1] is None
+    # prompts whose groups are not adjacent (the cascade gathers its rows instead of slicing)
+    mixed = [ids[3], ids[0], ids[4], ids[1], ids[2]]
+    _, logits, _, _, cascade = fp32._prefill(mixed, [1, 2, 1, 2, 2], 4)
+    assert cascade.unsort is not None
+    torch.testing.assert_close(logits, plain._prefill(mixed, [1, 2, 1, 2, 2], 4)[1], atol=1e-4, rtol=0)
     for decoding in (Decoding(temperature=0.0, max_new_tokens=16), Decoding(temperature=1.0, max_new_tokens=16)):
         requests = [Request.chat(_chat(p), decoding, sample_idx=i) for p in prompts[:3] for i in range(2)] + \
                    [Request.chat(_chat(p), decoding) for p in prompts[3:]]

@@ -4,12 +4,14 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
 - batches across questions, sorted by prompt length, sized by a token budget;
 - the samples of a question share their prompt head (the same prompt, or the same question with
   its options in another order): it is prefilled once, and read once per decoding step by
-  cascade attention (``_Cascade``) instead of once per sample;
+  cascade attention (``_Cascade``) instead of once per sample; heads, and each group's own
+  prompt tokens, are prefilled and attended group by group, never padded to another group's length;
 - a KV buffer allocated once per batch (no ``torch.cat`` growth per step);
 - finished sequences leave the batch at once (early stop per sequence);
 - logits only for the positions that are needed (never the full prompt x vocabulary);
 - bf16 on CPUs with AMX (``dtype="auto"``), decode attention with ``enable_gqa``;
-- sampling by inverse CDF: one uniform number per row and step.
+- sampling by inverse CDF (one uniform number per row and step) and greedy choice, both
+  searching the vocabulary in two levels (blocks, then one block).
 Dynamic int8 quantisation (``int8=True``) exists but is not used by default: it moves SmolLM2's
 log-probs by more than a nat on average (``bench.py`` parity section).
 
@@ -80,6 +82,20 @@ class _BufferLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def place(self, rows: torch.Tensor, start: int, part: DynamicLayer, batch: int) -> None:
+        """Write a part prefilled separately (``rows`` of a ``batch``-row buffer, positions from
+        ``start``) into this buffer; what no part covers stays zero (finite, then masked)."""
+        if not self.is_initialized:
+            k, v = part.keys, part.values
+            self.k_buf = k.new_zeros(batch, k.shape[1], self.capacity, k.shape[-1])
+            self.v_buf = v.new_zeros(batch, v.shape[1], self.capacity, v.shape[-1])
+            self.device, self.is_initialized = k.device, True
+        end = start + part.keys.shape[-2]
+        self.k_buf[rows, :, start:end] = part.keys
+        self.v_buf[rows, :, start:end] = part.values
+        self.length = max(self.length, end)
+        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
@@ -177,19 +193,42 @@ class _Cascade:
     step reads a head once per group instead of once per row (decoding is memory-bound on CPU,
     and the KV cache is the larger part of what a step reads)."""
 
-    def __init__(self, heads: list[list[tuple[torch.Tensor, torch.Tensor]]], group: torch.Tensor) -> None:
+    def __init__(self, heads: list[list[tuple[torch.Tensor, torch.Tensor]]], group: torch.Tensor,
+                 own_start: list[int]) -> None:
         """``heads[layer][g]``: group g's head keys and values in that layer, [1, kv heads,
-        head length, dim]; ``group``: each row's group."""
-        self.heads = heads
+        head length, dim]; ``group``: each row's group; ``own_start[g]``: the left padding that
+        all of group g's rows have in the own-token cache (skipped when attending)."""
+        self.heads, self.own_start = heads, own_start
         self.n_groups = len(heads[0])
+        self._bias_of: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.select(group)
 
     def select(self, group: torch.Tensor) -> None:
-        """Set each live row's group (after a batch is expanded or rows leave it)."""
+        """Set each live row's group (after a batch is expanded or rows leave it). Rows sorted by
+        group (as ``_generate`` orders them) make each group's queries one slice, no gather."""
         self.group = group
-        self.order = torch.argsort(group, stable=True)                 # rows sorted by group
-        self.unsort = torch.argsort(self.order)
-        self.counts = torch.bincount(group, minlength=self.n_groups).tolist()
+        self.order = torch.argsort(group, stable=True)
+        self.unsort = None if bool((self.order == torch.arange(len(group), device=group.device)).all()) \
+            else torch.argsort(self.order)
+        self.live = [(g, count) for g, count in enumerate(torch.bincount(group, minlength=self.n_groups).tolist())
+                     if count]                                     # (group, rows) of groups with rows
+
+    def _own_bias(self, mask: torch.Tensor | None, batch: int, groups: int, length: int, keys: int,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive mask over the own tokens, [batch, 1, groups x length, keys]: causal + padding,
+        repeated for the query heads packed per KV head. Every layer gets the same mask tensor
+        in a forward pass: built once per pass."""
+        if mask is not None and self._bias_of[0] is mask:
+            return self._bias_of[1]
+        source = mask
+        if mask is None:
+            own = torch.ones(length, keys, dtype=torch.bool, device=device).tril(keys - length)
+            mask = own[None, None].expand(batch, 1, length, keys)
+        mask = mask.expand(batch, 1, length, keys)
+        mask = mask[:, :, None].expand(batch, 1, groups, length, keys).reshape(batch, 1, groups * length, keys)
+        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
+        self._bias_of = (source, bias)
+        return bias
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
@@ -198,39 +237,27 @@ class _Cascade:
         n_kv = key.shape[1]
         per = n_q // n_kv * length                       # queries per KV head and row (GQA packed)
         q = query.reshape(batch, n_kv, per, dim)
-        # own tokens: causal + padding mask, repeated for the query heads packed per KV head
-        if mask is None:
-            own = torch.ones(length, key.shape[2], dtype=torch.bool, device=q.device).tril(key.shape[2] - length)
-            mask = own[None, None].expand(batch, 1, length, key.shape[2])
-        mask = mask.expand(batch, 1, length, key.shape[2])
-        mask = mask[:, :, None].expand(batch, 1, n_q // n_kv, length, key.shape[2]).reshape(batch, 1, per, -1)
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-        out_own, lse_own = flash(q, key, value, attn_mask=bias, scale=scale)
-        # shared heads: one attention call per group over all its rows' queries
-        out_head, lse_head = self._heads(layer, q, scale)
-        # softmax over [head, own] from its two parts: weights exp(lse) / (exp(lse_head) + exp(lse_own))
+        bias = self._own_bias(mask, batch, n_q // n_kv, length, key.shape[2], q.dtype, q.device)
+        q_sorted = q if self.unsort is None else q[self.order]
+        key, value, bias = (key, value, bias) if self.unsort is None else (key[self.order], value[self.order], bias[self.order])
+        parts, first = [], 0
+        for g, count in self.live:
+            rows, start = slice(first, first + count), self.own_start[g]
+            # the group's own tokens (the padding all its rows share skipped) ...
+            own = flash(q_sorted[rows], key[rows, :, start:], value[rows, :, start:],
+                        attn_mask=bias[rows, :, :, start:], scale=scale)
+            # ... and its head, read once for all its rows (real tokens only, no mask)
+            head_k, head_v = self.heads[layer][g]
+            o, s = flash(q_sorted[rows].transpose(0, 1).reshape(1, n_kv, count * per, dim), head_k, head_v, scale=scale)
+            parts.append((*own, o.view(n_kv, count, per, dim).transpose(0, 1), s.view(n_kv, count, per).transpose(0, 1)))
+            first += count
+        out_own, lse_own, out_head, lse_head = (torch.cat(column) for column in zip(*parts))
+        if self.unsort is not None:
+            out_own, lse_own, out_head, lse_head = (t[self.unsort] for t in (out_own, lse_own, out_head, lse_head))
+        # softmax over [head, own] from its parts: weights exp(lse) / (exp(lse_head) + exp(lse_own))
         w_head = torch.sigmoid(lse_head - lse_own)[..., None]
         out = torch.lerp(out_own.float(), out_head.float(), w_head)
         return out.to(query.dtype).view(batch, n_q, length, dim).transpose(1, 2).contiguous()
-
-    def _heads(self, layer: int, q: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of every row's queries over its group's head: one call per group, over that
-        group's rows only and its head's real tokens only (no padding, no mask). One batched
-        call with every group padded to the widest and every head to the longest was the
-        largest cost of both prefill (3.8 s of a 9.7 s prefill of 31 sampling prompts) and a
-        decoding step (37% slower than this loop, measured)."""
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        _, n_kv, per, dim = q.shape
-        q_sorted, outs, lses, first = q[self.order], [], [], 0
-        for (head_k, head_v), count in zip(self.heads[layer], self.counts):
-            if count == 0:
-                continue
-            qg = q_sorted[first:first + count].transpose(0, 1).reshape(1, n_kv, count * per, dim)
-            o, s = flash(qg, head_k, head_v, scale=scale)
-            outs.append(o.view(n_kv, count, per, dim).transpose(0, 1))
-            lses.append(s.view(n_kv, count, per).transpose(0, 1))
-            first += count
-        return torch.cat(outs)[self.unsort], torch.cat(lses)[self.unsort]
 
 
 VOCAB_BLOCK = 256       # two-level search over the vocabulary: blocks of this many tokens
@@ -401,18 +428,22 @@ class HFModel:
         rows = torch.bincount(row_of_unique, minlength=len(unique)).tolist()
         cache, logits, mask, next_pos, cascade = self._prefill(ids, rows, decoding.max_new_tokens)
         extra = {} if cascade is None else {"wowlib_cascade": cascade}
-        if len(unique) != len(prompts):
-            cache.batch_select_indices(row_of_unique)
-            if cascade is not None:
-                cascade.select(cascade.group[row_of_unique])
-        logits, mask, next_pos = logits[row_of_unique, -1], mask[row_of_unique], next_pos[row_of_unique]
-
+        # rows in the order of their group (then prompt): a group's rows are one slice of the cache
+        group_of = cascade.group.tolist() if cascade is not None else [0] * len(unique)
         n = len(requests)
+        prompt_of = row_of_unique.tolist()
+        active = sorted(range(n), key=lambda i: (group_of[prompt_of[i]], prompt_of[i], i))
+        source = row_of_unique[torch.tensor(active, device=self.device)]
+        if source.tolist() != list(range(len(unique))):
+            cache.batch_select_indices(source)
+            if cascade is not None:
+                cascade.select(cascade.group[source])
+        logits, mask, next_pos = logits[source, -1], mask[source], next_pos[source]
+
         generators = [torch.Generator(device="cpu").manual_seed(_row_seed(r)) for r in requests]
         tokens: list[list[int]] = [[] for _ in range(n)]
         logps: list[list[float]] = [[] for _ in range(n)]
         finish = ["length"] * n
-        active = list(range(n))                        # request index of each live row
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
         for step in range(decoding.max_new_tokens):
             if step < decoding.min_new_tokens:
@@ -470,14 +501,31 @@ class HFModel:
             for u in members:
                 tails[u], group_of[u] = ids[u][shared:], g
         group = torch.tensor(group_of, device=self.device)
-        cascade = _Cascade(self._prefill_heads(heads), group)
+        heads_kv = self._prefill_heads(heads)
         tail_ids, mask = self._left_pad(tails)
+        width = tail_ids.shape[1]
         head_length = torch.tensor([len(h) for h in heads], device=self.device)
         positions = head_length[group][:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = Cache(layers=[_BufferLayer(tail_ids.shape[1] + max_new) for _ in range(n_layers)])
-        out = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=keep, wowlib_cascade=cascade)
-        return cache, out.logits[:, -keep:, :].float(), mask, positions[:, -1] + 1, cascade
+        # each group's own tokens prefilled on their own, padded only to the group's longest:
+        # groups differ (one question's prompt repeated has no own tokens, its options shuffled
+        # have ~150), and one padded pass computed ~35% padding on the sampling workload
+        own_start = [width - max(len(tails[u]) for u in members) for members, _ in groups]
+        cache = Cache(layers=[_BufferLayer(width + max_new) for _ in range(n_layers)])
+        logits = []
+        for g, (members, _) in enumerate(groups):
+            rows, start = torch.tensor(members, device=self.device), own_start[g]
+            part = Cache(layers=[_BufferLayer(width - start) for _ in range(n_layers)])
+            alone = _Cascade([[layer[g]] for layer in heads_kv], torch.zeros_like(rows), [0])
+            out = self.model(input_ids=tail_ids[rows, start:], attention_mask=mask[rows, start:],
+                             position_ids=positions[rows, start:], cache=part, use_cache=True,
+                             logits_to_keep=keep, wowlib_cascade=alone)
+            for layer, piece in zip(cache.layers, part.layers):
+                layer.place(rows, start, piece, len(ids))
+            logits.append((rows, out.logits[:, -keep:, :].float()))
+        order = torch.cat([rows for rows, _ in logits])
+        logits = torch.cat([part for _, part in logits])[torch.argsort(order)]
+        cascade = _Cascade(heads_kv, group, own_start)
+        return cache, logits, mask, positions[:, -1] + 1, cascade
 
     def _prefill_heads(self, heads: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Prefill each shared head alone (heads differ in length: a padded batch computed ~30%
