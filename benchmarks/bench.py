@@ -346,7 +346,8 @@ def main() -> None:
     parser.add_argument("--dpo-pairs", type=int, default=8)
     parser.add_argument("--parity-prompts", type=int, default=2, help="questions per task for the parity section")
     parser.add_argument("--parity-tokens", type=int, default=64)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="the matmul yardstick is measured inside the sampling section")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check of the script)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
