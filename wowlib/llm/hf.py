@@ -280,7 +280,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row, the token whose cumulative mass first exceeds ``u * total`` (``u`` in [0, 1),
     float64): a draw from ``probs``, never a zero-mass token. Two levels (block masses, then one
     block's running sum): a float64 running sum over a 49k vocabulary took 29 ms per decoding step
-    at 64 rows, a third of SmolLM2's forward pass (measured, 1 thread)."""
+    at 64 rows, ~15% of a SmolLM2 step; this takes ~3 ms (measured, 1 thread)."""
     rows = torch.arange(probs.shape[0])
     blocks = _blocks(probs, 0.0)
     cdf = blocks.sum(-1).double().cumsum(-1)                       # [rows, blocks]
