@@ -483,7 +483,6 @@ class HFModel:
         question with its options in another order), the head is prefilled once per group and
         attended by cascade attention (``_Cascade``); the cache then holds only each row's own
         tokens. Otherwise one left-padded pass."""
-        n_layers = self.model.config.num_hidden_layers
         groups = _prefix_groups(ids, rows, self.options.min_shared_prefix, reserve=keep)
         saving = sum((sum(rows[u] for u in members) - 1) * shared for members, shared in groups
                      if shared >= self.options.min_shared_prefix)
@@ -491,7 +490,7 @@ class HFModel:
                 self.model.config._attn_implementation != "wowlib_sdpa":
             input_ids, mask = self._left_pad(ids)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = Cache(layers=[_BufferLayer(input_ids.shape[1] + max_new) for _ in range(n_layers)])
+            cache = self._buffers(input_ids.shape[1] + max_new)
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              cache=cache, use_cache=True, logits_to_keep=keep)
             return cache, out.logits[:, -keep:, :].float(), mask, positions[:, -1] + 1, None
@@ -510,11 +509,11 @@ class HFModel:
         # groups differ (one question's prompt repeated has no own tokens, its options shuffled
         # have ~150), and one padded pass computed ~35% padding on the sampling workload
         own_start = [width - max(len(tails[u]) for u in members) for members, _ in groups]
-        cache = Cache(layers=[_BufferLayer(width + max_new) for _ in range(n_layers)])
+        cache = self._buffers(width + max_new)
         logits = []
         for g, (members, _) in enumerate(groups):
             rows, start = torch.tensor(members, device=self.device), own_start[g]
-            part = Cache(layers=[_BufferLayer(width - start) for _ in range(n_layers)])
+            part = self._buffers(width - start)
             alone = _Cascade([[layer[g]] for layer in heads_kv], torch.zeros_like(rows), [0])
             out = self.model(input_ids=tail_ids[rows, start:], attention_mask=mask[rows, start:],
                              position_ids=positions[rows, start:], cache=part, use_cache=True,
@@ -527,17 +526,20 @@ class HFModel:
         cascade = _Cascade(heads_kv, group, own_start)
         return cache, logits, mask, positions[:, -1] + 1, cascade
 
+    def _buffers(self, capacity: int) -> Cache:
+        """A KV cache of fixed-size buffers, one per layer."""
+        return Cache(layers=[_BufferLayer(capacity) for _ in range(self.model.config.num_hidden_layers)])
+
     def _prefill_heads(self, heads: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Prefill each shared head alone (heads differ in length: a padded batch computed ~30%
         padding on the sampling workload): per layer, each head's (keys, values)."""
-        n_layers = self.model.config.num_hidden_layers
         caches = []
         for head in heads:
-            cache = Cache(layers=[_BufferLayer(len(head)) for _ in range(n_layers)])
+            cache = self._buffers(len(head))
             self.model(input_ids=torch.tensor([head], device=self.device), cache=cache, use_cache=True,
                        position_ids=torch.arange(len(head), device=self.device)[None], logits_to_keep=1)
             caches.append(cache)
-        return [[(c.layers[layer].keys, c.layers[layer].values) for c in caches] for layer in range(n_layers)]
+        return [[(c.layers[layer].keys, c.layers[layer].values) for c in caches] for layer in range(len(caches[0].layers))]
 
     @staticmethod
     def _choose(logits: torch.Tensor, logprobs: torch.Tensor, decoding, generators) -> torch.Tensor:
