@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="questions per task")
     parser.add_argument("--samples", type=int, default=10, help="samples per question (paper: 10)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=HFOptions().max_batch)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--judge-pairs", type=int, default=16)
     parser.add_argument("--judge-tokens", type=int, default=128)

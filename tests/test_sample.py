@@ -168,3 +168,44 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path: Path, tiny_dir: 
     assert len(resumed) == 20
     keys = [json.loads(line)["key"] for f in (killed / "cache").glob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == _cache_lines(clean)
+
+
+def test_plan_counts_a_shared_prompt_once(tiny_dir: Path) -> None:
+    """The token budget counts a prompt that several rows decode once (its head is prefilled and
+    stored once): N samples of a long prompt fit one batch where N full copies would not, while
+    distinct prompts of the same length are still cut by the budget."""
+    long = "Question: " + "graph edge weight node " * 40
+    distinct = [long + f" variant {k}" for k in range(6)]
+    model = HFModel("tiny", tiny_dir)
+    length = len(model.encode(model.render(_chat(long))))
+    model.options = HFOptions(token_budget=length + 6 * (1 + 8))
+    same = [Request.chat(_chat(long), Decoding(1.0, 8), sample_idx=i) for i in range(6)]
+    assert model.plan(same) == [list(range(6))]
+    assert all(len(b) == 1 for b in model.plan([Request.chat(_chat(p), Decoding(1.0, 8)) for p in distinct]))
+    # a budget too small for all six rows: the prompt's rows split, each part sharing its head
+    model.options = HFOptions(token_budget=length + 3 * (1 + 8))
+    assert [len(b) for b in model.plan(same)] == [3, 3]
+
+
+def test_kv_cache_allocated_stays_within_the_planned_budget(tiny_dir: Path) -> None:
+    """What ``_prefill`` allocates (own-token buffers for every row, one head per group) is at
+    most what ``plan`` counted against the budget, for shared, partly shared and distinct prompts."""
+    model = HFModel("tiny", tiny_dir, options=HFOptions(token_budget=400))
+    requests = [Request.chat(_chat(p), Decoding(1.0, 6), sample_idx=i) for p in PROMPTS for i in range(3)]
+    requests += [Request.chat(_chat(PROMPTS[3] + f" option {k}"), Decoding(1.0, 6)) for k in range(3)]
+    lengths = [len(model.encode(model.render(r.message_dicts))) for r in requests]
+    allocated = []
+    prefill = model._prefill
+
+    def spy(ids, rows, *args, **kwargs):
+        cache, logits, mask, positions, cascade = prefill(ids, rows, *args, **kwargs)
+        heads = sum(k.shape[2] for k, _ in cascade.heads[0]) if cascade is not None else 0
+        allocated.append(sum(rows) * cache.layers[0].capacity + heads)   # after rows are expanded
+        return cache, logits, mask, positions, cascade
+
+    model._prefill = spy
+    plan = model.plan(requests)
+    assert len(plan) > 1
+    for batch in plan:
+        model.run_batch([requests[i] for i in batch])
+        assert 0 < allocated[-1] <= model._kv_tokens(batch, requests, lengths, 6)

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HFOptions:
-    max_batch: int = 64              # rows decoded together
-    token_budget: int = 48_000       # rows x (prompt + new tokens) per batch
+    max_batch: int = 256             # rows decoded together
+    token_budget: int = 48_000       # KV-cache token slots per batch (HFModel._kv_tokens)
     min_shared_prefix: int = 32      # prompts sharing at least this many tokens prefill them once
     int8: bool = False               # dynamic int8 linear layers (CPU): fast but INACCURATE on SmolLM2 (see below)
     dtype: str = "auto"              # "auto": bf16 on a GPU that supports it and on a CPU with AMX, else fp32
@@ -386,7 +386,10 @@ class HFModel:
     # ------------------------------------------------------------------ planning
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
         """Group requests by decoding parameters, sort by prompt length (identical prompts
-        adjacent, for prefix sharing), and cut batches by rows and tokens."""
+        adjacent, for prefix sharing), and cut batches by rows (``max_batch``) and by the KV
+        cache they need (``token_budget``, counted as ``_kv_tokens`` does: a prompt that several
+        rows share once). A prompt's rows are kept in one batch where they fit, since a prompt
+        split across batches is prefilled, and stored, once per batch."""
         lengths = [len(self.encode(self.render(r.message_dicts))) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -395,16 +398,47 @@ class HFModel:
         for (max_new, _), idx in sorted(groups.items()):
             idx.sort(key=lambda i: (-lengths[i], requests[i].messages, requests[i].sample_idx))
             batch: list[int] = []
-            for i in idx:
-                width = lengths[batch[0]] + max_new if batch else lengths[i] + max_new
-                if batch and (len(batch) >= self.options.max_batch or
-                              (len(batch) + 1) * width > self.options.token_budget):
+            for piece in self._pieces(idx, requests, lengths, max_new):
+                if batch and not self._fits(batch + piece, requests, lengths, max_new):
                     batches.append(batch)
                     batch = []
-                batch.append(i)
+                batch += piece
             if batch:
                 batches.append(batch)
         return batches
+
+    def _pieces(self, idx: list[int], requests: Sequence[Request], lengths: list[int],
+                max_new: int) -> list[list[int]]:
+        """The runs of requests with the same prompt, each cut into pieces that fit a batch alone
+        (a single row that does not fit still makes a piece: it gets a batch of its own)."""
+        pieces: list[list[int]] = []
+        for k, i in enumerate(idx):
+            same = k > 0 and requests[i].messages == requests[idx[k - 1]].messages
+            if same and self._fits(pieces[-1] + [i], requests, lengths, max_new):
+                pieces[-1].append(i)
+            else:
+                pieces.append([i])
+        return pieces
+
+    def _fits(self, batch: list[int], requests: Sequence[Request], lengths: list[int], max_new: int) -> bool:
+        return len(batch) <= self.options.max_batch and \
+            self._kv_tokens(batch, requests, lengths, max_new) <= self.options.token_budget
+
+    def _kv_tokens(self, batch: list[int], requests: Sequence[Request], lengths: list[int], max_new: int) -> int:
+        """Token slots of KV cache a batch needs, as ``_prefill`` lays it out: with cascade
+        attention, a prompt of several rows stores its head once and one own token per row; every
+        other prompt (and every prompt without cascade attention) stores all its tokens per row;
+        each row's slots are as many as the longest own tokens, plus ``max_new``. Prompts that only
+        share a head (options in another order) count as unshared: an upper bound."""
+        rows: dict[tuple, int] = {}
+        for i in batch:
+            rows[requests[i].messages] = rows.get(requests[i].messages, 0) + 1
+        length = {requests[i].messages: lengths[i] for i in batch}
+        cascade = self.model.config._attn_implementation == "wowlib_sdpa"
+        shared = {p for p, n in rows.items()
+                  if cascade and n > 1 and length[p] - 1 >= self.options.min_shared_prefix}
+        own = max(1 if p in shared else length[p] for p in rows)
+        return len(batch) * (own + max_new) + sum(length[p] for p in shared)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
