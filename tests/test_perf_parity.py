@@ -130,6 +130,8 @@ def test_cascade_attention_over_shared_heads_equals_plain_attention(tiny_dir: Pa
     assert max(len(m) for m, _ in groups) == len(ORDERS)       # the three orders share a head
     _, _, _, _, cascade = fp32._prefill(ids, [2, 2, 2, 1, 1], 4)
     assert cascade is not None and plain._prefill(ids, [2, 2, 2, 1, 1], 4)[-1] is None
+    # the two prompts decoded alone have one own token each: their own tokens are attended in one call
+    assert len(cascade.live) == 3 and len(cascade.own_runs) == 2
     # prompts whose groups are not adjacent (the cascade gathers its rows instead of slicing)
     mixed = [ids[3], ids[0], ids[4], ids[1], ids[2]]
     _, logits, _, _, cascade = fp32._prefill(mixed, [1, 2, 1, 2, 2], 4)
@@ -151,13 +153,17 @@ def test_inverse_cdf_sampling_has_the_model_distribution() -> None:
     n = 20_000
     generators = [torch.Generator().manual_seed(i) for i in range(n)]
     rows = logits.expand(n, -1)
-    chosen = HFModel._choose(rows, torch.log_softmax(rows, -1), Decoding(temperature=1.0), generators)
+    chosen, logprobs = HFModel._choose(rows, Decoding(temperature=1.0), generators)
     freq = torch.bincount(chosen, minlength=5).float() / n
     assert freq[1] == 0                                   # a zero-probability token is never drawn
     assert torch.allclose(freq, probs, atol=0.015), freq
-    top = HFModel._choose(rows[:2000], torch.log_softmax(rows[:2000], -1), Decoding(temperature=1.0, top_p=0.6),
-                          generators[:2000])
+    torch.testing.assert_close(logprobs, torch.log_softmax(rows, -1)[torch.arange(n), chosen])
+    top, _ = HFModel._choose(rows[:2000], Decoding(temperature=1.0, top_p=0.6), generators[:2000])
     assert set(top.tolist()) <= {0, 2}                    # top-p keeps the smallest set reaching 0.6
+    # the log-probs returned are the model's (temperature 1) whatever the decoding
+    for decoding in (Decoding(temperature=0.0), Decoding(temperature=0.7), Decoding(temperature=1.0, top_p=0.6)):
+        chosen, logprobs = HFModel._choose(rows[:500], decoding, generators[:500])
+        torch.testing.assert_close(logprobs, probs.log()[chosen])
 
 
 def test_two_level_inverse_cdf_picks_the_same_tokens_as_one_running_sum() -> None:
