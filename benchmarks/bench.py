@@ -9,7 +9,8 @@ threads and library versions):
 2. sampling: (a) a faithful re-implementation of the official repository's loop (transformers
    ``generate``, batches of 5, the prompt repeated per sample, no prefix sharing, logits kept for
    log-probs) vs (b) our sampler (``wowlib.llm.hf``: batches across questions sorted by length,
-   shared prefill, early stop) in fp32, bf16 and int8, at 1 and 2 threads. Every system generates
+   shared prefill, early stop) in fp32, bf16 and int8, at 1 and 2 threads; then our sampler with its
+   defaults on the cpu profile's own sampling workload (NLGraph, 24 questions). Every system generates
    exactly ``--max-new-tokens`` per sample (stop tokens suppressed), so tokens/s compare like
    with like; achieved FLOP/s = 2 * parameters * tokens / seconds;
 3. parity: how far bf16 and int8 move the per-token log-probs from plain fp32 transformers;
@@ -155,8 +156,11 @@ def sampling_section(args, rows: list[dict]) -> None:
     directory = model_path(args.model)
     prompts = sampling_prompts(args.tasks, args.questions, args.samples)
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(directory).parameters())
+    pipeline = sampling_prompts(["nlgraph_shortest_path"], args.pipeline_questions, args.samples)
+    pipeline_label = f"NLGraph {len(pipeline)} q x {args.samples} x {args.pipeline_tokens} tokens"
     print(f"\n== sampling: {args.model} ({n_params / 1e6:.1f}M parameters), {len(prompts)} questions x "
-          f"{args.samples} samples x {args.max_new_tokens} new tokens", flush=True)
+          f"{args.samples} samples x {args.max_new_tokens} new tokens ({', '.join(args.tasks)}); then our "
+          f"sampler on the cpu profile's workload ({pipeline_label})", flush=True)
     for threads in args.threads:
         torch.set_num_threads(threads)
         rate = matmul_gflops(threads)
@@ -174,6 +178,13 @@ def sampling_section(args, rows: list[dict]) -> None:
             record(rows, "sampling", label, threads, tokens, "tokens", seconds, baseline=base,
                    flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
             del model
+        # the cpu profile's own sampling workload (every sample shares its whole prompt), with the
+        # default options; no official-loop row (it would take ~20 min a thread count at this size)
+        model = HFModel(args.model, directory)
+        tokens, seconds = timed(ours, model, pipeline, args.pipeline_tokens)
+        record(rows, "sampling", f"wowlib sampler (defaults), cpu profile workload: {pipeline_label}", threads,
+               tokens, "tokens", seconds, flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
+        del model
         print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
 
 
@@ -339,6 +350,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="questions per task")
     parser.add_argument("--samples", type=int, default=10, help="samples per question (paper: 10)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--pipeline-questions", type=int, default=24,
+                        help="questions of the cpu profile's sampling workload (configs/cpu.yaml: 24)")
+    parser.add_argument("--pipeline-tokens", type=int, default=96, help="its new tokens (configs/cpu.yaml: 96)")
     parser.add_argument("--max-batch", type=int, default=HFOptions().max_batch)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--judge-pairs", type=int, default=16)
@@ -353,6 +367,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.questions, args.samples, args.max_new_tokens, args.judge_pairs, args.dpo_pairs = 1, 4, 16, 4, 4
+        args.pipeline_questions, args.pipeline_tokens = 1, 16
         args.parity_prompts, args.parity_tokens = 1, 16
         args.threads = [max(args.threads)]
     rows: list[dict] = []
