@@ -209,3 +209,17 @@ def test_kv_cache_allocated_stays_within_the_planned_budget(tiny_dir: Path) -> N
     for batch in plan:
         model.run_batch([requests[i] for i in batch])
         assert 0 < allocated[-1] <= model._kv_tokens(batch, requests, lengths, 6)
+
+
+def test_plan_keeps_prompts_that_share_a_head_together(tiny_dir: Path) -> None:
+    """With cascade attention, prompts that share a head (here: two questions, each followed by
+    answers of interleaving lengths) are batched by question, where ordering by length would mix
+    them and prefill each head in several batches."""
+    model = HFModel("tiny", tiny_dir, options=HFOptions(max_batch=3))
+    heads = ["Question: " + "graph edge weight node " * 40 + name for name in ("alpha", "beta")]
+    prompts = [(h, h + " step" * k) for k in range(1, 7) for h in heads[k % 2:k % 2 + 1]]
+    requests = [Request.chat(_chat(p), Decoding(0.0, 4)) for _, p in prompts]
+    head_of = [h for h, _ in prompts]
+    plan = model.plan(requests)
+    assert sorted(i for b in plan for i in b) == list(range(6))
+    assert all(len({head_of[i] for i in batch}) == 1 for batch in plan)

@@ -397,18 +397,28 @@ class HFModel:
 
     # ------------------------------------------------------------------ planning
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
-        """Group requests by decoding parameters, sort by prompt length (identical prompts
-        adjacent, for prefix sharing), and cut batches by rows (``max_batch``) and by the KV
-        cache they need (``token_budget``, counted as ``_kv_tokens`` does: a prompt that several
-        rows share once). A prompt's rows are kept in one batch where they fit, since a prompt
-        split across batches is prefilled, and stored, once per batch."""
-        lengths = [len(self.encode(self.render(r.message_dicts))) for r in requests]
+        """Group requests by decoding parameters, order them, and cut batches by rows
+        (``max_batch``) and by the KV cache they need (``token_budget``, counted as
+        ``_kv_tokens`` does: a prompt that several rows share once). A prompt's rows are kept in
+        one batch where they fit, since a prompt split across batches is prefilled, and stored,
+        once per batch.
+        The order: with cascade attention (CPU), by prompt tokens, so that prompts sharing a head
+        (the samples of a question; the answers to it, each followed by the same follow-up question)
+        are adjacent and land in one batch, where the head is prefilled once; a batch's own-token
+        buffer is as wide as its longest own tokens, whatever the prompts' lengths. Otherwise by
+        prompt length (identical prompts adjacent), which keeps left padding small."""
+        ids = {r.messages: self.encode(self.render(r.message_dicts)) for r in requests}
+        lengths = [len(ids[r.messages]) for r in requests]
+        cascade = self.model.config._attn_implementation == "wowlib_sdpa"
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.decoding.max_new_tokens, repr(r.decoding)), []).append(i)
         batches = []
         for (max_new, _), idx in sorted(groups.items()):
-            idx.sort(key=lambda i: (-lengths[i], requests[i].messages, requests[i].sample_idx))
+            if cascade:
+                idx.sort(key=lambda i: (ids[requests[i].messages], requests[i].messages, requests[i].sample_idx))
+            else:
+                idx.sort(key=lambda i: (-lengths[i], requests[i].messages, requests[i].sample_idx))
             batch: list[int] = []
             for piece in self._pieces(idx, requests, lengths, max_new):
                 if batch and not self._fits(batch + piece, requests, lengths, max_new):
