@@ -1,17 +1,20 @@
 """The transformers backend: a batched sampler built for CPUs (and fine on GPUs).
 
 What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
-- batches across questions, sorted by prompt length, sized by a token budget;
+- batches across questions (up to 256 rows), ordered so that prompts sharing a head are adjacent,
+  sized by a KV-cache budget that counts a prompt several rows decode once;
 - the samples of a question share their prompt head (the same prompt, or the same question with
   its options in another order): it is prefilled once, and read once per decoding step by
   cascade attention (``_Cascade``) instead of once per sample; heads, and each group's own
-  prompt tokens, are prefilled and attended group by group, never padded to another group's length;
+  prompt tokens, are prefilled and attended group by group, never padded to another group's length
+  (adjacent groups whose own tokens start together share one attention call);
 - a KV buffer allocated once per batch (no ``torch.cat`` growth per step);
 - finished sequences leave the batch at once (early stop per sequence);
 - logits only for the positions that are needed (never the full prompt x vocabulary);
 - bf16 on CPUs with AMX (``dtype="auto"``), decode attention with ``enable_gqa``;
 - sampling by inverse CDF (one uniform number per row and step) and greedy choice, both
-  searching the vocabulary in two levels (blocks, then one block).
+  searching the vocabulary in two levels (blocks, then one block); a drawn token's log-prob read
+  off the softmax it was drawn from.
 Dynamic int8 quantisation (``int8=True``) exists but is not used by default: it moves SmolLM2's
 log-probs by more than a nat on average (``bench.py`` parity section).
 
