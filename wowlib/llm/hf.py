@@ -421,12 +421,10 @@ class HFModel:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.decoding.max_new_tokens, repr(r.decoding)), []).append(i)
+        lead = (lambda i: ids[requests[i].messages]) if self._cascade else (lambda i: -lengths[i])
         batches = []
         for (max_new, _), idx in sorted(groups.items()):
-            if self._cascade:
-                idx.sort(key=lambda i: (ids[requests[i].messages], requests[i].messages, requests[i].sample_idx))
-            else:
-                idx.sort(key=lambda i: (-lengths[i], requests[i].messages, requests[i].sample_idx))
+            idx.sort(key=lambda i: (lead(i), requests[i].messages, requests[i].sample_idx))
             batch: list[int] = []
             for piece in self._pieces(idx, requests, lengths, max_new):
                 if batch and not self._fits(batch + piece, requests, lengths, max_new):
@@ -464,8 +462,9 @@ class HFModel:
         for i in batch:
             rows[requests[i].messages] = rows.get(requests[i].messages, 0) + 1
         length = {requests[i].messages: lengths[i] for i in batch}
+        cascade = self._cascade
         shared = {p for p, n in rows.items()
-                  if self._cascade and n > 1 and length[p] - 1 >= self.options.min_shared_prefix}
+                  if cascade and n > 1 and length[p] - 1 >= self.options.min_shared_prefix}
         own = max(1 if p in shared else length[p] for p in rows)
         return len(batch) * (own + max_new) + sum(length[p] for p in shared)
 
