@@ -174,6 +174,8 @@ def sampling_section(args, rows: list[dict]) -> None:
         del official_model
         for label, options in sampler_variants(args.max_batch):
             model = HFModel(args.model, directory, options=options)
+            if options.attention == "auto" and not model._kernel:
+                label += " (kernel unavailable: torch attention)"
             tokens, seconds = timed(ours, model, prompts, args.max_new_tokens)
             record(rows, "sampling", label, threads, tokens, "tokens", seconds, baseline=base,
                    flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
@@ -189,12 +191,15 @@ def sampling_section(args, rows: list[dict]) -> None:
 
 
 def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
-    """Our sampler in fp32, bf16 (where the CPU has native bf16; the default on AMX CPUs) and
-    int8 (dynamic quantisation: measured for speed, but see the parity section)."""
+    """Our sampler in fp32, bf16 (where the CPU has native bf16; the default on AMX CPUs), bf16
+    without the compiled decode-attention kernel, and int8 (dynamic quantisation: measured for
+    speed, but see the parity section). Which attention each uses is printed."""
     variants = [("wowlib sampler fp32", HFOptions(dtype="fp32", max_batch=max_batch))]
     if _cpu_has_bf16():
         variants.append(("wowlib sampler bf16" + (" (default here)" if native_bf16() else ""),
                          HFOptions(dtype="bf16", max_batch=max_batch)))
+        variants.append(("wowlib sampler bf16, torch attention (no kernel)",
+                         HFOptions(dtype="bf16", max_batch=max_batch, attention="torch")))
     variants.append(("wowlib sampler int8 (inaccurate: see parity)", HFOptions(dtype="fp32", int8=True,
                                                                                max_batch=max_batch)))
     return variants
@@ -230,6 +235,8 @@ def parity_section(args, rows: list[dict]) -> None:
     print(f"\n== parity vs fp32 transformers: {len(sequences)} prompts x {args.parity_tokens} sampled tokens "
           "(teacher-forced)", flush=True)
     for label, options in sampler_variants(args.max_batch)[1:]:
+        if options.attention == "torch":
+            continue                    # teacher forcing never runs the decode kernel: the bf16 row says it
         fast = logprobs(HFModel(args.model, directory, options=options).model)
         delta = torch.cat([(a - b).gather(-1, seq[0, n:, None]).abs().squeeze(-1)
                            for a, b, (n, seq) in zip(ref, fast, sequences)])

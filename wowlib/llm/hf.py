@@ -8,6 +8,9 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
   cascade attention (``_Cascade``) instead of once per sample; heads, and each group's own
   prompt tokens, are prefilled and attended group by group, never padded to another group's length
   (adjacent groups whose own tokens start together share one attention call);
+- decoding steps of that cascade attention in a compiled kernel (``decode_kernel``, C++ built on
+  first use) that reads each group's head once for all its rows and each row's own tokens, in
+  one pass with an online softmax; torch's per-group attention calls where it cannot be built;
 - a KV buffer allocated once per batch (no ``torch.cat`` growth per step);
 - finished sequences leave the batch at once (early stop per sequence);
 - logits only for the positions that are needed (never the full prompt x vocabulary);
@@ -39,6 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import decode_kernel
 from .base import Completion, Message, Request, batches_of
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ class HFOptions:
     dtype: str = "auto"              # "auto": bf16 on a GPU that supports it and on a CPU with AMX, else fp32
     device: str = "auto"
     threads: int | None = None       # torch CPU threads for this process (None: torch's default, all cores)
+    attention: str = "auto"          # decoding steps with shared heads: "kernel" (compiled, decode_kernel.py),
+                                     # "torch" (flash calls per group), "auto" (the kernel where it builds)
 
 
 class _BufferLayer(DynamicLayer):
@@ -197,12 +203,15 @@ class _Cascade:
     and the KV cache is the larger part of what a step reads)."""
 
     def __init__(self, heads: list[list[tuple[torch.Tensor, torch.Tensor]]], group: torch.Tensor,
-                 own_start: list[int]) -> None:
+                 own_start: list[int], kernel: bool = False) -> None:
         """``heads[layer][g]``: group g's head keys and values in that layer, [1, kv heads,
         head length, dim]; ``group``: each row's group; ``own_start[g]``: the left padding that
-        all of group g's rows have in the own-token cache (skipped when attending)."""
+        all of group g's rows have in the own-token cache (skipped when attending); ``kernel``:
+        decoding steps in the compiled kernel (``decode_kernel``), which fuses head and own tokens."""
         self.heads, self.own_start = heads, own_start
         self.n_groups = len(heads[0])
+        self.kernel = kernel
+        self.head_table: decode_kernel.HeadTable | None = None      # built at the first decoding step
         self._bias_of: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.select(group)
 
@@ -226,6 +235,7 @@ class _Cascade:
                 runs.append([first, count, self.own_start[g]])
             first += count
         self.own_runs = [(slice(first, first + count), start) for first, count, start in runs]
+        self.kernel_groups = decode_kernel.Groups(self.live, self.own_start) if self.kernel else None
 
     def _own_bias(self, mask: torch.Tensor | None, batch: int, groups: int, length: int, keys: int,
                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -246,6 +256,11 @@ class _Cascade:
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        if self.kernel and self.unsort is None and decode_kernel.supported(query, key, value):
+            if self.head_table is None:
+                self.head_table = decode_kernel.HeadTable(self.heads)
+            return decode_kernel.cascade_decode(query, key, value, mask, scale or query.shape[-1] ** -0.5,
+                                                self.head_table, layer, self.kernel_groups)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         batch, n_q, length, dim = query.shape
         n_kv = key.shape[1]
@@ -356,6 +371,7 @@ class HFModel:
             if self.device.type != "cpu" or dtype != torch.float32:
                 raise ValueError("int8 dynamic quantisation is a CPU fp32 inference path (pass dtype='fp32')")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._kernel = self._use_kernel()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
@@ -380,6 +396,22 @@ class HFModel:
         if choice == "bf16" and self.device.type == "cpu" and not _cpu_has_bf16():
             raise ValueError("bf16 on this CPU is emulated and slow: use fp32 (dtype='auto') on CPU")
         return torch.bfloat16 if choice == "bf16" else torch.float32
+
+    def _use_kernel(self) -> bool:
+        """Whether decoding steps with shared heads run in the compiled kernel (CPU only)."""
+        choice = self.options.attention
+        if choice not in ("auto", "kernel", "torch"):
+            raise ValueError(f"attention must be auto, kernel or torch, got {choice!r}")
+        if choice == "torch" or not self._cascade:
+            if choice == "kernel":
+                raise ValueError("attention='kernel' needs the CPU cascade attention (a CPU model with sdpa)")
+            return False
+        reason = decode_kernel.unavailable_reason()
+        if reason is not None:
+            if choice == "kernel":
+                raise ValueError(f"attention='kernel': the decode-attention kernel is unavailable: {reason}")
+            log.warning("decode-attention kernel unavailable, using torch attention (slower): %s", reason)
+        return reason is None
 
     # ------------------------------------------------------------------ prompts
     def _stop_ids(self) -> set[int]:
@@ -583,7 +615,7 @@ class HFModel:
             logits.append((rows, out.logits[:, -keep:, :].float()))
         order = torch.cat([rows for rows, _ in logits])
         logits = torch.cat([part for _, part in logits])[torch.argsort(order)]
-        cascade = _Cascade(heads_kv, group, own_start)
+        cascade = _Cascade(heads_kv, group, own_start, kernel=self._kernel)
         return cache, logits, mask, positions[:, -1] + 1, cascade
 
     def _buffers(self, capacity: int) -> Cache:

@@ -1,0 +1,409 @@
+// One decoding step of cascade attention on a CPU, fused: each row's query attends to its group's
+// shared prompt head and to its own tokens (prompt tail + generated, padding skipped) in one pass,
+// with an online softmax (running max, running sum), so the two parts need no merge afterwards.
+//
+// Why a kernel: at 240 rows a SmolLM2 decoding step spent ~40% of its time in attention split into
+// ~25 small torch calls per layer (one per group's head, plus the own tokens), each dominated by
+// per-call and per-(row, head) overhead; the FLOPs are small. Built by wowlib/llm/decode_kernel.py
+// with g++ -O3 -march=native (loaded through ctypes: no torch headers, builds in ~2 s).
+//
+// Layouts (row-major, d = head dim, P = query heads per KV head):
+//   q     [B, n_kv, P, d]                      the step's queries (one token per row)
+//   k, v  element (b, h, j, e) at b * row_stride + h * head_stride + j * d + e   (own-token cache)
+//   mask  [B, mask_stride] bytes, 1 = attend (own tokens only; null = all)
+//   head_k[g]  [n_kv, blocks, d, KB]  group g's shared prompt head keys, in blocks of KB keys,
+//              each block transposed (zero past the head's end); head_v[g]  [n_kv, head_len[g], d]
+//   out   [B, n_kv, P, d]
+// Rows are sorted by group: live group i owns rows [first[i], first[i] + count[i]).
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int KB = 64;             // keys per block: scores of a block are 4 AVX-512 vectors
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) { return std::bit_cast<float>(uint32_t(x) << 16); }   // bf16 -> fp32
+inline void store(float x, float* dst) { *dst = x; }
+inline void store(float x, uint16_t* dst) {             // fp32 -> bf16, round to nearest even (as torch)
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);                    // outputs are finite (softmax averages)
+    *dst = uint16_t(u >> 16);
+}
+
+// e^x for x <= 0 (a score minus the running max), written so the compiler vectorises it:
+// x = n ln2 + r, e^r by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits.
+inline float exp_nonpositive(float x) {
+    x = std::max(x, -87.0f);
+    const int32_t n = -int32_t(0.5f - x * 1.44269504088896341f);          // round(x / ln2), x <= 0
+    const float r = x - float(n) * 0.693359375f + float(n) * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+struct Args {
+    const void* q;
+    const void* k;
+    const void* v;
+    int64_t row_stride, head_stride;
+    const uint8_t* mask;
+    int64_t mask_stride;
+    int own_len;                                  // own-token slots in the cache (keys [start, own_len))
+    const int* first;
+    const int* count;
+    const int* own_start;
+    const int* group;                             // live group i is group[i] of the head arrays
+    const void* const* head_k;
+    const void* const* head_v;
+    const int* head_len;
+    int n_kv, P;
+    float scale;
+    void* out;
+};
+
+// The running softmax state of one query.
+struct State {
+    float max = -3.0e38f, sum = 0.0f;
+};
+
+#if defined(__AVX512F__)
+// 16 values as fp32 (bf16: widen to 32 bits and shift into the high half).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#endif
+
+// Scores of one query against a block of head keys stored transposed (kt[e * KB + j]), fp32.
+template <int D>
+void scores_transposed(const float* __restrict__ q, const float* __restrict__ kt, float* __restrict__ s) {
+#if defined(__AVX512F__)
+    static_assert(KB == 64);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int e = 0; e < D; ++e) {
+        const __m512 qe = _mm512_set1_ps(q[e]);
+        const float* row = kt + e * KB;
+        s0 = _mm512_fmadd_ps(qe, load16(row), s0);
+        s1 = _mm512_fmadd_ps(qe, load16(row + 16), s1);
+        s2 = _mm512_fmadd_ps(qe, load16(row + 32), s2);
+        s3 = _mm512_fmadd_ps(qe, load16(row + 48), s3);
+    }
+    _mm512_storeu_ps(s, s0);
+    _mm512_storeu_ps(s + 16, s1);
+    _mm512_storeu_ps(s + 32, s2);
+    _mm512_storeu_ps(s + 48, s3);
+#else
+    for (int j = 0; j < KB; ++j) s[j] = 0.0f;
+    for (int e = 0; e < D; ++e)
+        for (int j = 0; j < KB; ++j) s[j] += q[e] * kt[e * KB + j];
+#endif
+}
+
+// Scores of one query against n keys given by row pointers (a row's own tokens).
+template <int D, typename T>
+void scores_rows(const float* __restrict__ q, const T* const* keys, int n, float* __restrict__ s) {
+    for (int j = 0; j < n; ++j) {
+        const T* __restrict__ k = keys[j];
+#if defined(__AVX512F__)
+        __m512 dot = _mm512_setzero_ps();
+        for (int e = 0; e < D; e += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + e), load16(k + e), dot);
+        s[j] = _mm512_reduce_add_ps(dot);
+#else
+        float dot = 0.0f;
+        for (int e = 0; e < D; ++e) dot += q[e] * to_float(k[e]);
+        s[j] = dot;
+#endif
+    }
+}
+
+// acc[0:D] = acc * rescale + sum_j p[j] * values[j]
+template <int D, typename T>
+void accumulate(float* __restrict__ acc, float rescale, const float* p, const T* const* values, int n) {
+#if defined(__AVX512F__)
+    constexpr int V = D / 16;
+    __m512 a[V];
+    const __m512 c = _mm512_set1_ps(rescale);
+    for (int u = 0; u < V; ++u) a[u] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * u), c);
+    for (int j = 0; j < n; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        for (int u = 0; u < V; ++u) a[u] = _mm512_fmadd_ps(pj, load16(values[j] + 16 * u), a[u]);
+    }
+    for (int u = 0; u < V; ++u) _mm512_storeu_ps(acc + 16 * u, a[u]);
+#else
+    for (int e = 0; e < D; ++e) acc[e] *= rescale;
+    for (int j = 0; j < n; ++j)
+        for (int e = 0; e < D; ++e) acc[e] += p[j] * to_float(values[j][e]);
+#endif
+}
+
+// Fold a block's n scores (and their value rows) into a query's running softmax and output.
+// (Reductions are marked for SIMD: without -ffast-math the compiler keeps float sums scalar.)
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes (the compiler left the scalar one unvectorised in the loops below).
+inline __m512 exp16_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);                                      // p * 2^n
+}
+#endif
+
+inline float softmax_update(float* __restrict__ s, int n, State& st) {
+    float block_max = -3.0e38f;
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 top = _mm512_set1_ps(-3.0e38f);
+    for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + i));
+    block_max = _mm512_reduce_max_ps(top);
+#endif
+    for (; i < n; ++i) block_max = std::max(block_max, s[i]);
+    const float new_max = std::max(st.max, block_max);
+    const float rescale = exp_nonpositive(st.max - new_max);
+    float sum = 0.0f;
+    int j = 0;
+#if defined(__AVX512F__)
+    __m512 total = _mm512_setzero_ps();
+    const __m512 shift = _mm512_set1_ps(new_max);
+    for (; j + 16 <= n; j += 16) {
+        const __m512 w = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
+        _mm512_storeu_ps(s + j, w);
+        total = _mm512_add_ps(total, w);
+    }
+    sum = _mm512_reduce_add_ps(total);
+#endif
+    for (; j < n; ++j) {
+        s[j] = exp_nonpositive(s[j] - new_max);
+        sum += s[j];
+    }
+    st.max = new_max;
+    st.sum = st.sum * rescale + sum;
+    return rescale;          // what the output so far is multiplied by; s now holds the block's weights
+}
+
+template <int D, typename T>
+void fold(float* __restrict__ s, const T* const* values, int n, State& st, float* __restrict__ acc) {
+    const float rescale = softmax_update(s, n, st);
+    accumulate<D>(acc, rescale, s, values, n);
+}
+
+// QB queries (q, acc: stride D) against one block of head keys (kt, transposed) and values (vb,
+// rows), fp32: QB independent FMA chains per loaded vector (one query alone is latency-bound).
+template <int D, int QB>
+void head_block(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ vb, int n,
+                State* st, float* __restrict__ acc) {
+    alignas(64) float s[QB][KB];
+    float rescale[QB];
+#if defined(__AVX512F__)
+    static_assert(KB == 64 && D % 16 == 0);
+    constexpr int V = D / 16;
+    {
+        __m512 sc[QB][4];
+        for (int x = 0; x < QB; ++x)
+            for (int u = 0; u < 4; ++u) sc[x][u] = _mm512_setzero_ps();
+        for (int e = 0; e < D; ++e) {
+            const float* row = kt + e * KB;
+            const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16),
+                         k2 = _mm512_loadu_ps(row + 32), k3 = _mm512_loadu_ps(row + 48);
+            for (int x = 0; x < QB; ++x) {
+                const __m512 qe = _mm512_set1_ps(q[x * D + e]);
+                sc[x][0] = _mm512_fmadd_ps(qe, k0, sc[x][0]);
+                sc[x][1] = _mm512_fmadd_ps(qe, k1, sc[x][1]);
+                sc[x][2] = _mm512_fmadd_ps(qe, k2, sc[x][2]);
+                sc[x][3] = _mm512_fmadd_ps(qe, k3, sc[x][3]);
+            }
+        }
+        for (int x = 0; x < QB; ++x)
+            for (int u = 0; u < 4; ++u) _mm512_storeu_ps(&s[x][16 * u], sc[x][u]);
+    }
+    for (int x = 0; x < QB; ++x) rescale[x] = softmax_update(s[x], n, st[x]);
+    __m512 a[QB][V];
+    for (int x = 0; x < QB; ++x)
+        for (int u = 0; u < V; ++u) a[x][u] = _mm512_mul_ps(_mm512_loadu_ps(acc + x * D + 16 * u), _mm512_set1_ps(rescale[x]));
+    for (int j = 0; j < n; ++j) {
+        __m512 v[V];
+        for (int u = 0; u < V; ++u) v[u] = _mm512_loadu_ps(vb + j * D + 16 * u);
+        for (int x = 0; x < QB; ++x) {
+            const __m512 pj = _mm512_set1_ps(s[x][j]);
+            for (int u = 0; u < V; ++u) a[x][u] = _mm512_fmadd_ps(pj, v[u], a[x][u]);
+        }
+    }
+    for (int x = 0; x < QB; ++x)
+        for (int u = 0; u < V; ++u) _mm512_storeu_ps(acc + x * D + 16 * u, a[x][u]);
+#else
+    const float* rows[KB];
+    for (int j = 0; j < n; ++j) rows[j] = vb + j * D;
+    for (int x = 0; x < QB; ++x) {
+        scores_transposed<D>(q + x * D, kt, s[x]);
+        fold<D>(s[x], rows, n, st[x], acc + x * D);
+    }
+    (void)rescale;
+#endif
+}
+
+// n values as fp32: the data itself, or widened from bf16 into buf.
+inline const float* widen(const float* x, int, std::vector<float>&) { return x; }
+inline const float* widen(const uint16_t* x, int n, std::vector<float>& buf) {
+    buf.resize(n);
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf.data() + i, load16(x + i));
+#endif
+    for (; i < n; ++i) buf[i] = to_float(x[i]);
+    return buf.data();
+}
+
+// One work item: KV head h of live group i, rows [r0, r1) of it.
+template <int D, typename T>
+void item(const Args& a, int i, int h, int r0, int r1) {
+    const int P = a.P, rows = r1 - r0, nq = rows * P;
+    thread_local std::vector<float> q, acc;
+    thread_local std::vector<State> st;
+    thread_local std::vector<const T*> kp, vp;
+    thread_local std::vector<float> kf, vf;
+    alignas(64) float s[KB];
+    q.resize(size_t(nq) * D);
+    acc.assign(size_t(nq) * D, 0.0f);
+    st.assign(nq, State());
+    kp.resize(KB);
+    vp.resize(KB);
+    const T* Q = static_cast<const T*>(a.q);
+    for (int r = 0; r < rows; ++r)
+        for (int p = 0; p < P; ++p)
+            for (int e = 0; e < D; ++e)
+                q[(size_t(r) * P + p) * D + e] =
+                    to_float(Q[((size_t(r0 + r) * a.n_kv + h) * P + p) * D + e]) * a.scale;
+    // the group's head, read once for all its rows' queries: keys in blocks of KB, transposed
+    const int g = a.group[i], length = a.head_len[g], blocks = (length + KB - 1) / KB;
+    const T* hk = static_cast<const T*>(a.head_k[g]) + size_t(h) * blocks * D * KB;
+    const T* hv = static_cast<const T*>(a.head_v[g]) + size_t(h) * length * D;
+    for (int blk = 0; blk < blocks; ++blk) {
+        const int n = std::min(KB, length - blk * KB);
+        // a bf16 block is widened to fp32 once, for all the group's queries
+        const float* kt = widen(hk + size_t(blk) * D * KB, D * KB, kf);
+        const float* vb = widen(hv + size_t(blk) * KB * D, n * D, vf);
+        int x = 0;
+        for (; x + 4 <= nq; x += 4) head_block<D, 4>(&q[size_t(x) * D], kt, vb, n, &st[x], &acc[size_t(x) * D]);
+        for (; x < nq; ++x) head_block<D, 1>(&q[size_t(x) * D], kt, vb, n, &st[x], &acc[size_t(x) * D]);
+    }
+    // each row's own tokens, masked slots skipped
+    const T* K = static_cast<const T*>(a.k);
+    const T* V = static_cast<const T*>(a.v);
+    for (int r = 0; r < rows; ++r) {
+        const int64_t b = r0 + r;
+        const size_t base = size_t(b * a.row_stride + h * a.head_stride);
+        const uint8_t* m = a.mask ? a.mask + b * a.mask_stride : nullptr;
+        int j = a.own_start[g];
+        while (j < a.own_len) {
+            int n = 0;
+            for (; j < a.own_len && n < KB; ++j)
+                if (!m || m[j]) {
+                    kp[n] = K + base + size_t(j) * D;
+                    vp[n] = V + base + size_t(j) * D;
+                    ++n;
+                }
+            if (n == 0) break;
+            for (int p = 0; p < P; ++p) {
+                const size_t x = size_t(r) * P + p;
+                scores_rows<D>(&q[x * D], kp.data(), n, s);
+                fold<D>(s, vp.data(), n, st[x], &acc[x * D]);
+            }
+        }
+    }
+    T* O = static_cast<T*>(a.out);
+    for (int r = 0; r < rows; ++r)
+        for (int p = 0; p < P; ++p) {
+            const size_t x = size_t(r) * P + p;
+            const float norm = st[x].sum > 0.0f ? 1.0f / st[x].sum : 0.0f;
+            for (int e = 0; e < D; ++e)
+                store(acc[x * D + e] * norm, &O[((size_t(r0 + r) * a.n_kv + h) * P + p) * D + e]);
+        }
+}
+
+template <int D, typename T>
+void run(const Args& a, int n_live, int chunk, int threads) {
+    struct Work { int i, h, r0, r1; };
+    std::vector<Work> work;
+    for (int i = 0; i < n_live; ++i)
+        for (int r0 = a.first[i]; r0 < a.first[i] + a.count[i]; r0 += chunk)
+            for (int h = 0; h < a.n_kv; ++h)
+                work.push_back({i, h, r0, std::min(r0 + chunk, a.first[i] + a.count[i])});
+    std::atomic<size_t> next{0};
+    auto worker = [&] {
+        for (size_t w; (w = next.fetch_add(1)) < work.size();)
+            item<D, T>(a, work[w].i, work[w].h, work[w].r0, work[w].r1);
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads && size_t(t) < work.size(); ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+}
+
+template <typename T>
+int dispatch(const Args& a, int d, int n_live, int chunk, int threads) {
+    switch (d) {
+        case 16: run<16, T>(a, n_live, chunk, threads); return 0;
+        case 32: run<32, T>(a, n_live, chunk, threads); return 0;
+        case 64: run<64, T>(a, n_live, chunk, threads); return 0;
+        case 128: run<128, T>(a, n_live, chunk, threads); return 0;
+        default: return 2;                         // head dim not compiled in
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int wow_abi_version() { return 1; }
+
+// 1 where the AVX-512 paths were compiled in; the portable loops are correct but not faster than torch.
+int wow_vectorised() {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// dtype: 0 = float32, 1 = bfloat16. Returns 0, or 1 (bad dtype), 2 (head dim not supported).
+int wow_cascade_decode(int dtype, const void* q, const void* k, const void* v, int64_t row_stride,
+                       int64_t head_stride, const uint8_t* mask, int64_t mask_stride, int own_len, int n_live,
+                       const int* first, const int* count, const int* own_start, const int* group,
+                       const void* const* head_k, const void* const* head_v, const int* head_len, int n_kv, int P,
+                       int d, float scale, void* out, int chunk, int threads) {
+    const Args a{q, k, v, row_stride, head_stride, mask, mask_stride, own_len, first, count, own_start, group,
+                 head_k, head_v, head_len, n_kv, P, scale, out};
+    if (dtype == 0) return dispatch<float>(a, d, n_live, chunk, threads);
+    if (dtype == 1) return dispatch<uint16_t>(a, d, n_live, chunk, threads);
+    return 1;
+}
+
+}

@@ -1,0 +1,171 @@
+"""The compiled decode-attention kernel (``decode_attention.cpp``): build, load, call.
+
+Built on first use with the system's C++ compiler (``g++``, or ``$CXX``) for this CPU
+(``-march=native``) into ``<WOW_CACHE_DIR>/kernels/`` (default ``~/.cache/wowlib``), keyed by the
+source, the compiler, the flags and the CPU, and loaded through ctypes: no torch headers, ~2 s to build.
+Where it cannot be built, ``load()`` says why and the sampler uses torch's attention
+(``HFOptions.attention``: "auto" logs the reason, "kernel" raises it). It is used on x86-64 CPUs
+with AVX-512 only: elsewhere its portable loops compile, but are neither measured nor tested, so
+the sampler keeps torch's attention there.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC",
+         "-pthread"]
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+CHUNK = 16                 # rows per work item: a group of 240 rows still splits over threads
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here (no compiler, a failed build, another CPU)."""
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build(compiler: str, target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            try:
+                proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=False,
+                                      capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise KernelUnavailable(f"cannot run {compiler}: {err}") from err
+            if proc.returncode != 0:
+                raise KernelUnavailable(f"{compiler} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+            os.replace(built, target)                    # atomic: concurrent builds never see half a file
+    except OSError as err:
+        raise KernelUnavailable(f"cannot write the kernel to {target.parent} (set $WOW_CACHE_DIR): {err}") from err
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL:
+    """The kernel library, built if needed; raises ``KernelUnavailable`` with the reason."""
+    if platform.system() != "Linux":
+        raise KernelUnavailable(f"built only on Linux (this is {platform.system()})")
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if not compiler:
+        raise KernelUnavailable("no C++ compiler (install g++ or set $CXX)")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"decode_attention-{digest}.so"
+    if not target.exists():
+        _build(compiler, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        raise KernelUnavailable(f"cannot load {target}: {err}") from err
+    if lib.wow_abi_version() != 1:
+        raise KernelUnavailable(f"{target} has another ABI version")
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.wow_cascade_decode.restype = i32
+    lib.wow_cascade_decode.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i64, i32, i32, ptr, ptr, ptr, ptr,
+                                       ptr, ptr, ptr, i32, i32, i32, ctypes.c_float, ptr, i32, i32]
+    return lib
+
+
+@lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None where the kernel loads and is vectorised for this CPU, else why not (asked once per
+    process: a failed build is not retried for every model)."""
+    try:
+        lib = load()
+    except KernelUnavailable as err:
+        return str(err)
+    if not lib.wow_vectorised():
+        return "this CPU has no AVX-512: the kernel's portable loops would be slower than torch's attention"
+    return None
+
+
+def _ints(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+BLOCK = 64                 # keys per block (KB in the kernel)
+
+
+def _blocked_keys(keys: torch.Tensor) -> torch.Tensor:
+    """[1, n_kv, L, d] -> [n_kv, blocks, d, BLOCK]: blocks of keys, each transposed, zero-padded,
+    so a query's scores against a block are BLOCK-wide vector operations."""
+    _, n_kv, length, dim = keys.shape
+    padded = torch.nn.functional.pad(keys[0], (0, 0, 0, -length % BLOCK))
+    return padded.view(n_kv, -1, BLOCK, dim).transpose(-1, -2).contiguous()
+
+
+class HeadTable:
+    """Per layer, each group's head keys (blocked, ``_blocked_keys``) and values (fixed for a
+    batch) and their pointers as the kernel reads them; the tensors are kept alive here."""
+
+    def __init__(self, heads: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        self.tensors = [[(_blocked_keys(k), v.contiguous()) for k, v in layer] for layer in heads]
+        self.keys = [torch.tensor([k.data_ptr() for k, _ in layer], dtype=torch.int64) for layer in self.tensors]
+        self.values = [torch.tensor([v.data_ptr() for _, v in layer], dtype=torch.int64) for layer in self.tensors]
+        self.length = _ints([v.shape[2] for _, v in self.tensors[0]])
+
+
+class Groups:
+    """The live groups of a batch as the kernel reads them: first row, rows, index."""
+
+    def __init__(self, live: list[tuple[int, int]], own_start: list[int]) -> None:
+        firsts, first = [], 0
+        for _, count in live:
+            firsts.append(first)
+            first += count
+        self.n = len(live)
+        self.first, self.count = _ints(firsts), _ints([count for _, count in live])
+        self.group, self.own_start = _ints([g for g, _ in live]), _ints(own_start)
+
+
+def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the kernel handles this decoding step's shapes and dtype (else torch's attention)."""
+    return (query.device.type == "cpu" and query.shape[2] == 1 and query.dtype in DTYPES
+            and key.dtype == value.dtype == query.dtype and query.shape[-1] in HEAD_DIMS
+            and key.stride() == value.stride() and key.stride(-1) == 1 and key.stride(-2) == key.shape[-1])
+
+
+def cascade_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float, heads: HeadTable, layer: int, groups: Groups) -> torch.Tensor:
+    """One decoding step's attention: ``query`` [B, n_q, 1, d] over each row's group head and its own
+    tokens ``key``/``value`` [B, n_kv, L, d] (a view of the cache buffer) where ``mask`` [B, 1, 1, L]
+    (bool, or None: all) allows. Returns [B, 1, n_q, d], softmax attention over [head, own tokens]."""
+    batch, n_q, _, dim = query.shape
+    n_kv = key.shape[1]
+    q = query.contiguous()
+    out = torch.empty(batch, 1, n_q, dim, dtype=query.dtype)
+    if mask is not None:
+        mask = mask.reshape(batch, mask.shape[-1]).contiguous()
+    status = load().wow_cascade_decode(
+        DTYPES[query.dtype], q.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1),
+        None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0), key.shape[2],
+        groups.n, groups.first.data_ptr(), groups.count.data_ptr(), groups.own_start.data_ptr(),
+        groups.group.data_ptr(), heads.keys[layer].data_ptr(), heads.values[layer].data_ptr(),
+        heads.length.data_ptr(), n_kv, n_q // n_kv, dim, float(scale), out.data_ptr(), CHUNK,
+        torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"decode-attention kernel failed with status {status}")
+    return out
