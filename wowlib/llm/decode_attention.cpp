@@ -16,11 +16,9 @@
 //   out   [B, n_kv, P, d]
 // Rows are sorted by group: live group i owns rows [first[i], first[i] + count[i]).
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -356,15 +354,11 @@ void run(const Args& a, int n_live, int chunk, int threads) {
         for (int r0 = a.first[i]; r0 < a.first[i] + a.count[i]; r0 += chunk)
             for (int h = 0; h < a.n_kv; ++h)
                 work.push_back({i, h, r0, std::min(r0 + chunk, a.first[i] + a.count[i])});
-    std::atomic<size_t> next{0};
-    auto worker = [&] {
-        for (size_t w; (w = next.fetch_add(1)) < work.size();)
-            item<D, T>(a, work[w].i, work[w].h, work[w].r0, work[w].r1);
-    };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads && size_t(t) < work.size(); ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
+    // OpenMP: the library is linked against libgomp.so.1, which resolves to the copy torch has already
+    // loaded, so these threads are torch's own warm pool (separate threads competed with its
+    // spinning workers and gained nothing at 2 threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (size_t w = 0; w < work.size(); ++w) item<D, T>(a, work[w].i, work[w].h, work[w].r0, work[w].r1);
 }
 
 template <typename T>

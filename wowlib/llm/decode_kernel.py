@@ -28,8 +28,7 @@ from ..paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC",
-         "-pthread"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++20", "-shared", "-fPIC"]
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 CHUNK = 16                 # rows per work item: a group of 240 rows still splits over threads
