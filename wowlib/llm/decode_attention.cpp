@@ -5,7 +5,7 @@
 // Why a kernel: at 240 rows a SmolLM2 decoding step spent ~40% of its time in attention split into
 // ~25 small torch calls per layer (one per group's head, plus the own tokens), each dominated by
 // per-call and per-(row, head) overhead; the FLOPs are small. Built by wowlib/llm/decode_kernel.py
-// with g++ -O3 -march=native (loaded through ctypes: no torch headers, builds in ~2 s).
+// with g++ -O3 -march=native -fopenmp (loaded through ctypes: no torch headers, builds in ~3-4 s).
 //
 // Layouts (row-major, d = head dim, P = query heads per KV head):
 //   q     [B, n_kv, P, d]                      the step's queries (one token per row)
@@ -39,8 +39,9 @@ inline void store(float x, uint16_t* dst) {             // fp32 -> bf16, round t
     *dst = uint16_t(u >> 16);
 }
 
-// e^x for x <= 0 (a score minus the running max), written so the compiler vectorises it:
-// x = n ln2 + r, e^r by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n from the exponent bits.
+// e^x for x <= 0 (a score minus the running max): x = n ln2 + r, e^r by Cephes' degree-6
+// polynomial (relative error ~1e-7), 2^n from the exponent bits. The scalar form (rescale factors,
+// block tails); exp16_nonpositive below is the same on 16 lanes.
 inline float exp_nonpositive(float x) {
     x = std::max(x, -87.0f);
     const int32_t n = -int32_t(0.5f - x * 1.44269504088896341f);          // round(x / ln2), x <= 0
@@ -154,10 +155,9 @@ void accumulate(float* __restrict__ acc, float rescale, const float* p, const T*
 #endif
 }
 
-// Fold a block's n scores (and their value rows) into a query's running softmax and output.
-// (Reductions are marked for SIMD: without -ffast-math the compiler keeps float sums scalar.)
 #if defined(__AVX512F__)
-// exp_nonpositive on 16 lanes (the compiler left the scalar one unvectorised in the loops below).
+// exp_nonpositive on 16 lanes (without -ffast-math GCC keeps the reductions and this polynomial
+// scalar: written out by hand).
 inline __m512 exp16_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -175,6 +175,8 @@ inline __m512 exp16_nonpositive(__m512 x) {
 }
 #endif
 
+// Fold a block's n scores into a query's running max and sum: s becomes the block's weights
+// e^(s - new max); returns the factor the output so far is multiplied by.
 inline float softmax_update(float* __restrict__ s, int n, State& st) {
     float block_max = -3.0e38f;
     int i = 0;
@@ -204,9 +206,10 @@ inline float softmax_update(float* __restrict__ s, int n, State& st) {
     }
     st.max = new_max;
     st.sum = st.sum * rescale + sum;
-    return rescale;          // what the output so far is multiplied by; s now holds the block's weights
+    return rescale;
 }
 
+// Fold a block's n scores and their value rows into a query's running softmax and output.
 template <int D, typename T>
 void fold(float* __restrict__ s, const T* const* values, int n, State& st, float* __restrict__ acc) {
     const float rescale = softmax_update(s, n, st);
