@@ -60,6 +60,8 @@ def test_kernel_equals_torch_cascade_attention_fp32(dim: int, threads: int) -> N
         torch.set_num_threads(before)
     assert out.shape == reference.shape == (query.shape[0], 1, query.shape[1], dim)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    # an additive float mask is not the kernel's: torch's attention takes that step
+    assert not decode_kernel.supported(query, key, value, torch.zeros(mask.shape))
     # no mask (every own slot attended) and another layer's heads
     torch.testing.assert_close(kernel.attend(0, query, key, value, None, dim ** -0.5),
                                _torch_reference(heads, group, own_start, query, key, value, None, layer=0),

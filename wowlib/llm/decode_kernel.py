@@ -140,11 +140,14 @@ class Groups:
         self.group, self.own_start = _ints([g for g, _ in live]), _ints(own_start)
 
 
-def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether the kernel handles this decoding step's shapes and dtype (else torch's attention)."""
+def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the kernel handles this decoding step's shapes, dtypes and mask (a boolean
+    [B, 1, 1, L] or none; else torch's attention)."""
     return (query.device.type == "cpu" and query.shape[2] == 1 and query.dtype in DTYPES
             and key.dtype == value.dtype == query.dtype and query.shape[-1] in HEAD_DIMS
-            and key.stride() == value.stride() and key.stride(-1) == 1 and key.stride(-2) == key.shape[-1])
+            and key.stride() == value.stride() and key.stride(-1) == 1 and key.stride(-2) == key.shape[-1]
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+                                  and mask.shape[-1] == key.shape[2])))
 
 
 def cascade_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

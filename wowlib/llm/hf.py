@@ -256,7 +256,7 @@ class _Cascade:
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-        if self.kernel and self.unsort is None and decode_kernel.supported(query, key, value):
+        if self.kernel and self.unsort is None and decode_kernel.supported(query, key, value, mask):
             if self.head_table is None:
                 self.head_table = decode_kernel.HeadTable(self.heads)
             return decode_kernel.cascade_decode(query, key, value, mask, scale or query.shape[-1] ** -0.5,
