@@ -146,6 +146,21 @@ def test_cascade_attention_over_shared_heads_equals_plain_attention(tiny_dir: Pa
             assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
 
 
+def test_groups_with_equally_wide_own_tokens_share_one_prefill_pass(tiny_dir: Path, fp32: HFModel,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Questions asked several times each (one own token per prompt) prefill their heads one by
+    one and then all their own tokens in ONE pass, with the logits of the plain path."""
+    plain = HFModel("tiny", tiny_dir, options=HFOptions(dtype="fp32", min_shared_prefix=10 ** 9))
+    ids = [fp32.encode(fp32.render(_chat(p))) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[3])]
+    calls = []
+    forward = type(fp32.model).forward
+    monkeypatch.setattr(type(fp32.model), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    _, logits, _, _, cascade = fp32._prefill(ids, [3, 3, 3], 4)
+    assert cascade is not None and len(cascade.live) == 3
+    assert len(calls) == 3 + 1                                # three heads, then one pass for all own tokens
+    torch.testing.assert_close(logits, plain._prefill(ids, [3, 3, 3], 4)[1], atol=1e-4, rtol=1e-4)
+
+
 def test_inverse_cdf_sampling_has_the_model_distribution() -> None:
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
     logits = probs.clamp(min=1e-30).log()
