@@ -7,7 +7,7 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
   its options in another order): it is prefilled once, and read once per decoding step by
   cascade attention (``_Cascade``) instead of once per sample; heads, and each group's own
   prompt tokens, are prefilled and attended group by group, never padded to another group's length
-  (adjacent groups whose own tokens start together share one attention call);
+  (groups whose own tokens are equally wide share one pass and one attention call);
 - decoding steps of that cascade attention in a compiled kernel (``decode_kernel``, C++ built on
   first use) that reads each group's head once for all its rows and each row's own tokens, in
   one pass with an online softmax; torch's per-group attention calls where it cannot be built;
