@@ -174,8 +174,7 @@ def sampling_section(args, rows: list[dict]) -> None:
         del official_model
         for label, options in sampler_variants(args.max_batch):
             model = HFModel(args.model, directory, options=options)
-            if options.attention == "auto" and not model._kernel:
-                label += " (kernel unavailable: torch attention)"
+            label += kernel_note(model)
             tokens, seconds = timed(ours, model, prompts, args.max_new_tokens)
             record(rows, "sampling", label, threads, tokens, "tokens", seconds, baseline=base,
                    flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
@@ -184,10 +183,16 @@ def sampling_section(args, rows: list[dict]) -> None:
         # default options; no official-loop row (it would take ~20 min a thread count at this size)
         model = HFModel(args.model, directory)
         tokens, seconds = timed(ours, model, pipeline, args.pipeline_tokens)
-        record(rows, "sampling", f"wowlib sampler (defaults), cpu profile workload: {pipeline_label}", threads,
-               tokens, "tokens", seconds, flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
+        label = f"wowlib sampler (defaults){kernel_note(model)}, cpu profile workload: {pipeline_label}"
+        record(rows, "sampling", label, threads, tokens, "tokens", seconds,
+               flops_share=2 * n_params * tokens / seconds / 1e9 / rate)
         del model
         print(f"  peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
+
+
+def kernel_note(model: HFModel) -> str:
+    """A row's label suffix where the decode-attention kernel was asked for ("auto") but not used."""
+    return " (kernel unavailable: torch attention)" if model.options.attention == "auto" and not model._kernel else ""
 
 
 def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
