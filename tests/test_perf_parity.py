@@ -4,7 +4,9 @@ Kept fast paths (benchmarks/README.md has the measurements):
 - bf16 weights and activations on a CPU with AMX (``HFOptions(dtype="auto")`` picks it there);
 - a prompt head shared by the samples of a question, prefilled once and attended by cascade
   attention (exact up to fp noise);
-- sampling by inverse CDF with one uniform number per row (same distribution as multinomial).
+- sampling by inverse CDF with one uniform number per row (same distribution as multinomial);
+- bf16 linear weights reordered once for oneDNN (``wowlib/llm/packed.py``): the numbers of
+  ``nn.Linear`` (bit-identical on SmolLM2-135M; within 1e-2 logits asserted here).
 
 Tolerances, against plain fp32 transformers on the tiny test model (teacher-forced on fp32's
 own greedy continuations, so a single early flip cannot cascade):
@@ -26,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wowlib.llm import packed
 from wowlib.llm.base import Decoding, Request
 from wowlib.llm.hf import (
     HFModel,
@@ -117,6 +120,40 @@ def test_greedy_equals_transformers_generate_in_bf16(bf16: HFModel) -> None:
         expected = bf16.tokenizer.decode([t for t in new if t not in bf16.stop_ids], skip_special_tokens=True)
         same += completion.text == expected.strip()
     assert same >= len(PROMPTS) - 1
+
+
+def test_packed_bf16_linears_give_the_unpacked_numbers(tiny_dir: Path, bf16: HFModel) -> None:
+    """bf16 linear weights reordered once for oneDNN (``packed``): every linear layer replaced,
+    the same logits as ``nn.Linear`` and the same sampled answers and log-probs."""
+    if not packed.available():
+        pytest.skip("this torch has no oneDNN packed linear ops")
+    plain = HFModel("tiny", tiny_dir, options=HFOptions(dtype="bf16", prepack=False))
+    n_layers = plain.model.config.num_hidden_layers
+    assert bf16.packed == 7 * n_layers + 1 and plain.packed == 0     # q k v o gate up down, and the head
+    assert not any(type(m) is torch.nn.Linear for m in bf16.model.modules())
+    ids = bf16.encode(bf16.render(_chat(PROMPTS[0])))
+    with torch.inference_mode():
+        a, b = (m.model(input_ids=torch.tensor([ids])).logits.float() for m in (plain, bf16))
+    assert torch.allclose(a, b, atol=1e-2, rtol=0), (a - b).abs().max()
+    requests = [Request.chat(_chat(p), Decoding(temperature=1.0, max_new_tokens=16), sample_idx=i)
+                for i, p in enumerate(PROMPTS)]
+    for x, y in zip(plain.run_batch(requests), bf16.run_batch(requests)):
+        assert x.text == y.text
+        assert x.token_logprobs == pytest.approx(y.token_logprobs, abs=1e-2)
+
+
+def test_packed_linear_takes_only_bf16_cpu_layers_and_models_passed_in_stay_as_they_are(
+        tiny_dir: Path, fp32: HFModel) -> None:
+    with pytest.raises(ValueError, match="bf16 CPU linear"):
+        packed.PackedLinear(torch.nn.Linear(4, 4))
+    assert fp32.packed == 0
+    if not _cpu_has_bf16():
+        return
+    given = HFModel("tiny", tiny_dir, options=HFOptions(dtype="bf16")).model    # packed by its owner
+    fresh = fp32.model.__class__(fp32.model.config).to(torch.bfloat16).eval()
+    assert HFModel("tiny", tiny_dir, model=fresh).packed == 0                   # not ours to change
+    assert any(type(m) is torch.nn.Linear for m in fresh.modules())
+    assert not any(type(m) is torch.nn.Linear for m in given.modules())
 
 
 def test_cascade_attention_over_shared_heads_equals_plain_attention(tiny_dir: Path, fp32: HFModel) -> None:

@@ -14,7 +14,8 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
 - a KV buffer allocated once per batch (no ``torch.cat`` growth per step);
 - finished sequences leave the batch at once (early stop per sequence);
 - logits only for the positions that are needed (never the full prompt x vocabulary);
-- bf16 on CPUs with AMX (``dtype="auto"``), decode attention with ``enable_gqa``;
+- bf16 on CPUs with AMX (``dtype="auto"``), decode attention with ``enable_gqa``; the bf16 linear
+  weights reordered once into oneDNN's layout (``packed``) instead of at every call;
 - sampling by inverse CDF (one uniform number per row and step) and greedy choice, both
   searching the vocabulary in two levels (blocks, then one block); a drawn token's log-prob read
   off the softmax it was drawn from.
@@ -42,7 +43,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import decode_kernel
+from . import decode_kernel, packed
 from .base import Completion, Message, Request, batches_of
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class HFOptions:
     threads: int | None = None       # torch CPU threads for this process (None: torch's default, all cores)
     attention: str = "auto"          # decoding steps with shared heads: "kernel" (compiled, decode_kernel.py),
                                      # "torch" (flash calls per group), "auto" (the kernel where it builds)
+    prepack: bool = True             # bf16 CPU linear weights reordered once for oneDNN (packed.py): same
+                                     # numbers, 1.1-1.3x faster; only for a model this class loads itself
 
 
 class _BufferLayer(DynamicLayer):
@@ -372,6 +375,10 @@ class HFModel:
                 raise ValueError("int8 dynamic quantisation is a CPU fp32 inference path (pass dtype='fp32')")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self._kernel = self._use_kernel()
+        self.packed = 0                  # linear layers replaced by packed.PackedLinear
+        if model is None and self.options.prepack and self.device.type == "cpu" and dtype == torch.bfloat16 \
+                and packed.available():
+            self.packed = packed.pack_linears(self.model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
