@@ -13,16 +13,28 @@
 //   mask  [B, mask_stride] bytes, 1 = attend (own tokens only; null = all)
 //   head_k[g]  [n_kv, blocks, d, KB]  group g's shared prompt head keys, in blocks of KB keys,
 //              each block transposed (zero past the head's end); head_v[g]  [n_kv, head_len[g], d]
+//   except where the head is read by AMX tiles (wow_paired(dtype, d) == 1: bf16, d = 64, a CPU with
+//   AMX), in the pairs that tile products take, zero-padded to whole blocks:
+//   head_k[g]  [n_kv, blocks, d/2, KB, 2]  (two dims of a key side by side)
+//   head_v[g]  [n_kv, blocks, KB/2, d, 2]  (one dim of two keys side by side)
 //   out   [B, n_kv, P, d]
 // Rows are sorted by group: live group i owns rows [first[i], first[i] + count[i]).
 #include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define WOW_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define WOW_AMX 0
 #endif
 
 namespace {
@@ -270,6 +282,94 @@ void head_block(const float* __restrict__ q, const float* __restrict__ kt, const
 #endif
 }
 
+#if WOW_AMX
+bool amx_enabled = false;           // set by wow_paired() once the kernel may use AMX tiles
+
+// Every tile 16 rows x 64 bytes: 16 queries x 32 bf16 (A), 16 pairs x 16 x 2 bf16 (B), 16 x 16 fp32 (C).
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// 16 queries (qt: [16][64] bf16, zero rows past the last query) against one block of head keys
+// and values in pairs (layouts above), D = 64, by AMX tile products (bf16 x bf16 summed in fp32):
+// the scores of 16 queries x 64 keys are 16 tile products where the AVX-512 path does 16 x 64 x 64
+// FMA lanes. The softmax stays fp32 on AVX-512; its weights are rounded to bf16 for the values'
+// sum, as torch's bf16 flash attention does. Tiles 0-1: A, 2-3: B, 4-7: C.
+// (tile numbers are literals: GCC pastes them into the instruction)
+#define WOW_KEYS(c, tile)                                                             \
+    _tile_loadd(2, kb + size_t(c) * 32, KB * 4);                                       \
+    _tile_dpbf16ps(tile, 0, 2);                                                        \
+    _tile_loadd(3, kb + size_t(16 * KB + c * 16) * 2, KB * 4);                         \
+    _tile_dpbf16ps(tile, 1, 3);                                                        \
+    _tile_stored(tile, &s[0][16 * c], KB * 4);
+#define WOW_VALUES(u, tile)                                                           \
+    _tile_loadd(2, vb + size_t(u) * 32, 64 * 4);                                       \
+    _tile_dpbf16ps(tile, 0, 2);                                                        \
+    _tile_loadd(3, vb + size_t(16 * 64 + u * 16) * 2, 64 * 4);                         \
+    _tile_dpbf16ps(tile, 1, 3);                                                        \
+    _tile_stored(tile, &o[0][16 * u], 64 * 4);
+
+void head_block_amx(const uint16_t* __restrict__ qt, int nq, const uint16_t* __restrict__ kb,
+                    const uint16_t* __restrict__ vb, int n, float scale, State* st, float* __restrict__ acc) {
+    constexpr int D = 64;
+    alignas(64) float s[16][KB];
+    alignas(64) uint16_t w[16][KB];
+    alignas(64) float o[16][D];
+    float rescale[16];
+    _tile_loadd(0, qt, D * 2);
+    _tile_loadd(1, qt + 32, D * 2);
+    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+    WOW_KEYS(0, 4) WOW_KEYS(1, 5) WOW_KEYS(2, 6) WOW_KEYS(3, 7)
+    const __m512 c = _mm512_set1_ps(scale);
+    for (int x = 0; x < 16; ++x) {
+        if (x < nq) {
+            for (int u = 0; u < 4; ++u) _mm512_store_ps(&s[x][16 * u], _mm512_mul_ps(_mm512_load_ps(&s[x][16 * u]), c));
+            rescale[x] = softmax_update(s[x], n, st[x]);
+            for (int j = n; j < KB; ++j) s[x][j] = 0.0f;                 // keys past the head's end
+        } else {
+            for (int j = 0; j < KB; ++j) s[x][j] = 0.0f;                 // no query in this row
+        }
+        for (int u = 0; u < 2; ++u)
+            _mm512_store_si512(&w[x][32 * u], (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&s[x][32 * u + 16]),
+                                                                          _mm512_load_ps(&s[x][32 * u])));
+    }
+    _tile_loadd(0, &w[0][0], KB * 2);
+    _tile_loadd(1, &w[0][32], KB * 2);
+    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+    WOW_VALUES(0, 4) WOW_VALUES(1, 5) WOW_VALUES(2, 6) WOW_VALUES(3, 7)
+    for (int x = 0; x < nq; ++x) {
+        const __m512 r = _mm512_set1_ps(rescale[x]);
+        for (int u = 0; u < 4; ++u)
+            _mm512_storeu_ps(acc + x * D + 16 * u,
+                             _mm512_fmadd_ps(_mm512_loadu_ps(acc + x * D + 16 * u), r, _mm512_load_ps(&o[x][16 * u])));
+    }
+}
+#undef WOW_KEYS
+#undef WOW_VALUES
+
+// The head part of a work item by AMX tiles: queries in tiles of 16.
+void head_amx(const uint16_t* Q, const Args& a, int h, int r0, int rows, const uint16_t* hk, const uint16_t* hv,
+              int length, State* st, float* acc) {
+    constexpr int D = 64;
+    const int P = a.P, nq = rows * P, blocks = (length + KB - 1) / KB;
+    thread_local std::vector<uint16_t> qt;
+    qt.assign(size_t((nq + 15) / 16) * 16 * D, 0);
+    for (int r = 0; r < rows; ++r)
+        std::memcpy(&qt[size_t(r) * P * D], &Q[(size_t(r0 + r) * a.n_kv + h) * P * D], size_t(P) * D * sizeof(uint16_t));
+    static const TileConfig config;
+    _tile_loadconfig(&config);
+    for (int blk = 0; blk < blocks; ++blk) {
+        const int n = std::min(KB, length - blk * KB);
+        for (int x = 0; x < nq; x += 16)
+            head_block_amx(&qt[size_t(x) * D], std::min(16, nq - x), hk + size_t(blk) * D * KB,
+                           hv + size_t(blk) * KB * D, n, a.scale, st + x, acc + size_t(x) * D);
+    }
+    _tile_release();              // leave the tiles as torch's own AMX kernels expect them: unconfigured
+}
+#endif
+
 // n values as fp32: the data itself, or widened from bf16 into buf.
 inline const float* widen(const float* x, int, std::vector<float>&) { return x; }
 inline const float* widen(const uint16_t* x, int n, std::vector<float>& buf) {
@@ -306,7 +406,17 @@ void item(const Args& a, int i, int h, int r0, int r1) {
     const int g = a.group[i], length = a.head_len[g], blocks = (length + KB - 1) / KB;
     const T* hk = static_cast<const T*>(a.head_k[g]) + size_t(h) * blocks * D * KB;
     const T* hv = static_cast<const T*>(a.head_v[g]) + size_t(h) * length * D;
-    for (int blk = 0; blk < blocks; ++blk) {
+    bool tiles = false;
+#if WOW_AMX
+    if constexpr (std::is_same_v<T, uint16_t> && D == 64) {
+        if (amx_enabled) {
+            head_amx(Q, a, h, r0, rows, hk, static_cast<const T*>(a.head_v[g]) + size_t(h) * blocks * KB * D, length,
+                     st.data(), acc.data());
+            tiles = true;
+        }
+    }
+#endif
+    for (int blk = 0; blk < blocks && !tiles; ++blk) {
         const int n = std::min(KB, length - blk * KB);
         // a bf16 block is widened to fp32 once, for all the group's queries
         const float* kt = widen(hk + size_t(blk) * D * KB, D * KB, kf);
@@ -379,7 +489,22 @@ int dispatch(const Args& a, int d, int n_live, int chunk, int threads) {
 
 extern "C" {
 
-int wow_abi_version() { return 1; }
+int wow_abi_version() { return 2; }
+
+// 1 where heads of this dtype (0 = float32, 1 = bfloat16) and head dim are read by AMX tiles, so
+// decode_kernel.HeadTable lays them out in pairs (layouts above); the first call asks Linux for the
+// tile state (arch_prctl ARCH_REQ_XCOMP_PERM; torch's oneDNN asks for it too). 0 elsewhere.
+int wow_paired(int dtype, int d) {
+#if WOW_AMX
+    static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    amx_enabled = permitted;
+    return permitted && dtype == 1 && d == 64;
+#else
+    (void)dtype;
+    (void)d;
+    return 0;
+#endif
+}
 
 // 1 where the AVX-512 paths were compiled in; the portable loops are correct but not faster than torch.
 int wow_vectorised() {

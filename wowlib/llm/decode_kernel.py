@@ -79,10 +79,12 @@ def load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
     except OSError as err:
         raise KernelUnavailable(f"cannot load {target}: {err}") from err
-    if lib.wow_abi_version() != 1:
+    if lib.wow_abi_version() != 2:
         raise KernelUnavailable(f"{target} has another ABI version")
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.wow_cascade_decode.restype = i32
+    lib.wow_paired.restype = i32
+    lib.wow_paired.argtypes = [i32, i32]
     lib.wow_cascade_decode.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i64, i32, i32, ptr, ptr, ptr, ptr,
                                        ptr, ptr, ptr, i32, i32, i32, ctypes.c_float, ptr, i32, i32]
     return lib
@@ -116,15 +118,40 @@ def _blocked_keys(keys: torch.Tensor) -> torch.Tensor:
     return padded.view(n_kv, -1, BLOCK, dim).transpose(-1, -2).contiguous()
 
 
+def _paired_keys(keys: torch.Tensor) -> torch.Tensor:
+    """[1, n_kv, L, d] -> [n_kv, blocks, d/2, BLOCK, 2], zero-padded: two dims of a key side by
+    side, the layout of an AMX tile product's second operand (dims summed over)."""
+    _, n_kv, length, dim = keys.shape
+    padded = torch.nn.functional.pad(keys[0], (0, 0, 0, -length % BLOCK))
+    return padded.view(n_kv, -1, BLOCK, dim // 2, 2).transpose(2, 3).contiguous()
+
+
+def _paired_values(values: torch.Tensor) -> torch.Tensor:
+    """[1, n_kv, L, d] -> [n_kv, blocks, BLOCK/2, d, 2], zero-padded: one dim of two keys side by
+    side (keys summed over)."""
+    _, n_kv, length, dim = values.shape
+    padded = torch.nn.functional.pad(values[0], (0, 0, 0, -length % BLOCK))
+    return padded.view(n_kv, -1, BLOCK // 2, 2, dim).transpose(-1, -2).contiguous()
+
+
+def _head_layout(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's keys and values as the kernel reads them: in pairs where it reads them by AMX
+    tiles (``wow_paired``: bf16, head dim 64, a CPU with AMX), else keys blocked and transposed,
+    values as they are."""
+    if keys.dtype in DTYPES and load().wow_paired(DTYPES[keys.dtype], keys.shape[-1]):
+        return _paired_keys(keys), _paired_values(values)
+    return _blocked_keys(keys), values.contiguous()
+
+
 class HeadTable:
-    """Per layer, each group's head keys (blocked, ``_blocked_keys``) and values (fixed for a
-    batch) and their pointers as the kernel reads them; the tensors are kept alive here."""
+    """Per layer, each group's head keys and values (fixed for a batch) laid out for the kernel
+    (``_head_layout``) and their pointers; the tensors are kept alive here."""
 
     def __init__(self, heads: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        self.tensors = [[(_blocked_keys(k), v.contiguous()) for k, v in layer] for layer in heads]
+        self.tensors = [[_head_layout(k, v) for k, v in layer] for layer in heads]
         self.keys = [torch.tensor([k.data_ptr() for k, _ in layer], dtype=torch.int64) for layer in self.tensors]
         self.values = [torch.tensor([v.data_ptr() for _, v in layer], dtype=torch.int64) for layer in self.tensors]
-        self.length = _ints([v.shape[2] for _, v in self.tensors[0]])
+        self.length = _ints([v.shape[2] for _, v in heads[0]])
 
 
 class Groups:
