@@ -349,6 +349,70 @@ void head_block_amx(const uint16_t* __restrict__ qt, int nq, const uint16_t* __r
 #undef WOW_KEYS
 #undef WOW_VALUES
 
+// A row's own tokens (slots [j0, end) of one KV head, keys and values rows of D = 64 bf16 at k and v)
+// for its P <= 4 queries (qp: [32 dim pairs][16][2] bf16, zero past P), by AMX: the scores of 16 slots x
+// 16 queries are the tile product of the slots' keys as they lie in the cache (A) and the queries
+// in pairs (B, qp); masked slots get weight 0. The values' sum stays fp32 on AVX-512, each value
+// row widened once for all P queries (the scores were the costly part: a horizontal sum per key and
+// query, ~13 ns per query and key).
+template <int P>
+void own_amx(const uint16_t* __restrict__ qp, const uint16_t* k, const uint16_t* v, const uint8_t* m,
+             int j0, int end, int64_t capacity, float scale, State* st, float* __restrict__ acc) {
+    constexpr int D = 64;
+    alignas(64) float c[16][16];
+    alignas(64) float s[P][16];
+    alignas(64) uint16_t tail[16][D];
+    __m512 a[P][4];
+    for (int p = 0; p < P; ++p)
+        for (int u = 0; u < 4; ++u) a[p][u] = _mm512_loadu_ps(acc + p * D + 16 * u);
+    _tile_loadd(2, qp, 64);                       // query pairs of dims 0-31
+    _tile_loadd(3, qp + 16 * 32, 64);             // and 32-63
+    const __m512 c_scale = _mm512_set1_ps(scale);
+    for (int j = j0; j < end; j += 16) {
+        const int n = std::min(16, end - j);
+        const uint16_t* rows = k + size_t(j) * D;
+        if (j + 16 > capacity) {                  // never read past the cache: a zero-padded copy
+                                                  // (slots past `end` inside it are read, then not live)
+            std::memset(tail, 0, sizeof tail);
+            std::memcpy(tail, rows, size_t(n) * D * sizeof(uint16_t));
+            rows = &tail[0][0];
+        }
+        _tile_zero(4);
+        _tile_loadd(0, rows, D * 2);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_loadd(1, rows + 32, D * 2);
+        _tile_dpbf16ps(4, 1, 3);
+        _tile_stored(4, &c[0][0], 64);
+        // live slots (mask), as a lane mask; the scores of query p are column p of c
+        __mmask16 live = n == 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+        if (m) live &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(live, m + j), _mm_setzero_si128());
+        if (!live) continue;
+        for (int p = 0; p < P; ++p) {
+            const __m512 col = _mm512_i32gather_ps(_mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160,
+                                                                     176, 192, 208, 224, 240), &c[0][p], 4);
+            _mm512_store_ps(s[p], _mm512_mask_blend_ps(live, _mm512_set1_ps(-3.0e38f), _mm512_mul_ps(col, c_scale)));
+            const float rescale = softmax_update(s[p], 16, st[p]);
+            _mm512_store_ps(s[p], _mm512_maskz_mov_ps(live, _mm512_load_ps(s[p])));     // masked slots weigh 0
+            const __m512 r = _mm512_set1_ps(rescale);
+            for (int u = 0; u < 4; ++u) a[p][u] = _mm512_mul_ps(a[p][u], r);
+        }
+        for (int jj = 0; jj < n; ++jj) {
+            if (!((live >> jj) & 1)) continue;
+            const uint16_t* row = v + size_t(j + jj) * D;
+            const __m512 v0 = load16(row), v1 = load16(row + 16), v2 = load16(row + 32), v3 = load16(row + 48);
+            for (int p = 0; p < P; ++p) {
+                const __m512 w = _mm512_set1_ps(s[p][jj]);
+                a[p][0] = _mm512_fmadd_ps(w, v0, a[p][0]);
+                a[p][1] = _mm512_fmadd_ps(w, v1, a[p][1]);
+                a[p][2] = _mm512_fmadd_ps(w, v2, a[p][2]);
+                a[p][3] = _mm512_fmadd_ps(w, v3, a[p][3]);
+            }
+        }
+    }
+    for (int p = 0; p < P; ++p)
+        for (int u = 0; u < 4; ++u) _mm512_storeu_ps(acc + p * D + 16 * u, a[p][u]);
+}
+
 // The head part of a work item by AMX tiles: queries in tiles of 16.
 void head_amx(const uint16_t* Q, const Args& a, int h, int r0, int rows, const uint16_t* hk, const uint16_t* hv,
               int length, State* st, float* acc) {
@@ -397,7 +461,12 @@ void item(const Args& a, int i, int h, int r0, int r1) {
     kp.resize(KB);
     vp.resize(KB);
     const T* Q = static_cast<const T*>(a.q);
-    for (int r = 0; r < rows; ++r)
+#if WOW_AMX
+    const bool amx = std::is_same_v<T, uint16_t> && D == 64 && amx_enabled;   // tiles read the bf16 queries
+#else
+    const bool amx = false;
+#endif
+    for (int r = 0; r < rows && !(amx && P <= 4); ++r)
         for (int p = 0; p < P; ++p)
             for (int e = 0; e < D; ++e)
                 q[(size_t(r) * P + p) * D + e] =
@@ -406,10 +475,10 @@ void item(const Args& a, int i, int h, int r0, int r1) {
     const int g = a.group[i], length = a.head_len[g], blocks = (length + KB - 1) / KB;
     const T* hk = static_cast<const T*>(a.head_k[g]) + size_t(h) * blocks * D * KB;
     const T* hv = static_cast<const T*>(a.head_v[g]) + size_t(h) * length * D;
-    bool tiles = false;
+    bool tiles = false, tiles_own = false;
 #if WOW_AMX
     if constexpr (std::is_same_v<T, uint16_t> && D == 64) {
-        if (amx_enabled) {
+        if (amx) {
             head_amx(Q, a, h, r0, rows, hk, static_cast<const T*>(a.head_v[g]) + size_t(h) * blocks * KB * D, length,
                      st.data(), acc.data());
             tiles = true;
@@ -428,7 +497,36 @@ void item(const Args& a, int i, int h, int r0, int r1) {
     // each row's own tokens, masked slots skipped
     const T* K = static_cast<const T*>(a.k);
     const T* V = static_cast<const T*>(a.v);
-    for (int r = 0; r < rows; ++r) {
+#if WOW_AMX
+    if constexpr (std::is_same_v<T, uint16_t> && D == 64) {
+        if (amx && P <= 4) {
+            static const TileConfig config;
+            _tile_loadconfig(&config);
+            alignas(64) uint16_t qp[32][16][2];   // [dim pair][query][2], zero past the row's P queries
+            for (int r = 0; r < rows; ++r) {
+                std::memset(qp, 0, sizeof qp);
+                const T* rq = &Q[(size_t(r0 + r) * a.n_kv + h) * P * D];
+                for (int p = 0; p < P; ++p)                // a pair of dims is 32 bits: copy pairs
+                    for (int e = 0; e < D / 2; ++e) std::memcpy(qp[e][p], rq + size_t(p) * D + 2 * e, 4);
+                const int64_t b = r0 + r;
+                const size_t base = size_t(b * a.row_stride + h * a.head_stride);
+                const uint8_t* m = a.mask ? a.mask + b * a.mask_stride : nullptr;
+                const int64_t capacity = a.head_stride / D;    // slots of this row and head in the buffer
+                State* rs = &st[size_t(r) * P];
+                float* ra = &acc[size_t(r) * P * D];
+                switch (P) {
+                    case 1: own_amx<1>(&qp[0][0][0], K + base, V + base, m, a.own_start[g], a.own_len, capacity, a.scale, rs, ra); break;
+                    case 2: own_amx<2>(&qp[0][0][0], K + base, V + base, m, a.own_start[g], a.own_len, capacity, a.scale, rs, ra); break;
+                    case 3: own_amx<3>(&qp[0][0][0], K + base, V + base, m, a.own_start[g], a.own_len, capacity, a.scale, rs, ra); break;
+                    default: own_amx<4>(&qp[0][0][0], K + base, V + base, m, a.own_start[g], a.own_len, capacity, a.scale, rs, ra);
+                }
+            }
+            _tile_release();
+            tiles_own = true;
+        }
+    }
+#endif
+    for (int r = 0; r < rows && !tiles_own; ++r) {
         const int64_t b = r0 + r;
         const size_t base = size_t(b * a.row_stride + h * a.head_stride);
         const uint8_t* m = a.mask ? a.mask + b * a.mask_stride : nullptr;
