@@ -135,11 +135,12 @@ def test_a_failed_build_names_the_compiler_and_its_error(tmp_path: Path, monkeyp
 @needs_kernel
 def test_bf16_sampler_with_head_dim_64_agrees_with_torch_attention(tiny_dir: Path) -> None:
     """bf16 and head dim 64: where the CPU has AMX, the kernel reads heads by tile products
-    (``wow_paired``) between torch's own bf16 matmuls and attention, which use the same tiles. Torch's
-    forward pass gives the same logits before and after the kernel ran (the tiles are left as torch
-    expects them), and whole batches (heads of several blocks, options in other orders) give the
-    greedy texts and log-probs of torch's attention up to bf16 noise (measured: <= 0.04 nats on the
-    first decoded step of this random model; a broken tile product would be off by nats)."""
+    (``wow_paired``) and prefills them by its causal prefill, between torch's own bf16 matmuls and
+    attention, which use the same tiles. Torch's forward pass gives the same logits before and after
+    the kernel ran (the tiles are left as torch expects them), and whole batches (heads of several
+    blocks, options in other orders) give the greedy texts and log-probs of torch's attention up to
+    bf16 noise (measured: <= 0.04 nats on the first two tokens of this random model; a broken tile
+    product would be off by nats)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(tiny_dir)
     config.update({"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
@@ -162,5 +163,27 @@ def test_bf16_sampler_with_head_dim_64_agrees_with_torch_attention(tiny_dir: Pat
     assert all(c.finish != "error" for c in ours + theirs)
     assert sum(a.text == b.text for a, b in zip(ours, theirs)) >= len(requests) // 2
     for a, b in zip(ours, theirs):
-        assert a.token_logprobs[0] == b.token_logprobs[0]                # prefill: the same path
-        assert abs(a.token_logprobs[1] - b.token_logprobs[1]) < 0.1      # one decoding step apart
+        assert abs(a.token_logprobs[0] - b.token_logprobs[0]) < 0.01     # after the prefill
+        assert abs(a.token_logprobs[1] - b.token_logprobs[1]) < 0.1      # and one decoding step
+
+
+@needs_kernel
+@pytest.mark.parametrize("length", [2, 17, 64, 65, 150])
+def test_causal_prefill_equals_torch_flash_attention(length: int) -> None:
+    """A prompt head's causal self-attention in bf16 (head dim 64, grouped queries): where the kernel
+    takes it, within bf16 rounding of the fp32 result and as close to it as torch's bf16 path."""
+    gen = torch.Generator().manual_seed(length)
+    query, key, value = (torch.randn(1, n, length, 64, generator=gen).to(torch.bfloat16) for n in (6, 2, 2))
+    if not decode_kernel.prefill_supported(query, key):
+        pytest.skip("the causal prefill needs AMX tiles (bf16)")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    exact = sdpa(query.float(), key.float().repeat_interleave(3, 1), value.float().repeat_interleave(3, 1),
+                 is_causal=True).transpose(1, 2)
+    theirs = sdpa(query, key, value, is_causal=True, enable_gqa=True).transpose(1, 2)
+    ours = decode_kernel.causal_prefill(query, key, value, 0.125)
+    assert ours.shape == exact.shape == (1, length, 6, 64) and ours.dtype == torch.bfloat16
+    err_ours, err_theirs = (ours.float() - exact).abs().max(), (theirs.float() - exact).abs().max()
+    assert err_ours <= 2 ** -7 * exact.abs().max(), err_ours
+    assert err_ours <= 1.5 * err_theirs + 1e-6, (err_ours, err_theirs)
+    assert not decode_kernel.prefill_supported(query.float(), key.float())          # fp32: torch's
+    assert not decode_kernel.prefill_supported(query[..., :1, :], key)              # a cache before it

@@ -14,9 +14,9 @@
 //   head_k[g]  [n_kv, blocks, d, KB]  group g's shared prompt head keys, in blocks of KB keys,
 //              each block transposed (zero past the head's end); head_v[g]  [n_kv, head_len[g], d]
 //   except where the head is read by AMX tiles (wow_paired(dtype, d) == 1: bf16, d = 64, a CPU with
-//   AMX), in the pairs that tile products take, zero-padded to whole blocks:
-//   head_k[g]  [n_kv, blocks, d/2, KB, 2]  (two dims of a key side by side)
-//   head_v[g]  [n_kv, blocks, KB/2, d, 2]  (one dim of two keys side by side)
+//   AMX), zero-padded to whole blocks:
+//   head_k[g]  [n_kv, blocks * KB, d]      keys as rows
+//   head_v[g]  [n_kv, blocks, d, KB]       values in blocks of KB keys, each block transposed
 //   out   [B, n_kv, P, d]
 // Rows are sorted by group: live group i owns rows [first[i], first[i] + count[i]).
 #include <algorithm>
@@ -283,7 +283,15 @@ void head_block(const float* __restrict__ q, const float* __restrict__ kt, const
 }
 
 #if WOW_AMX
-bool amx_enabled = false;           // set by wow_paired() once the kernel may use AMX tiles
+bool amx_enabled = false;           // set by amx_permitted() once the kernel may use AMX tiles
+
+// Linux hands out the AMX tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA;
+// torch's oneDNN asks for it too): asked once.
+bool amx_permitted() {
+    static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    amx_enabled = permitted;
+    return permitted;
+}
 
 // Every tile 16 rows x 64 bytes: 16 queries x 32 bf16 (A), 16 pairs x 16 x 2 bf16 (B), 16 x 16 fp32 (C).
 struct alignas(64) TileConfig {
@@ -292,62 +300,89 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// 16 queries (qt: [16][64] bf16, zero rows past the last query) against one block of head keys
-// and values in pairs (layouts above), D = 64, by AMX tile products (bf16 x bf16 summed in fp32):
-// the scores of 16 queries x 64 keys are 16 tile products where the AVX-512 path does 16 x 64 x 64
-// FMA lanes. The softmax stays fp32 on AVX-512; its weights are rounded to bf16 for the values'
-// sum, as torch's bf16 flash attention does. Tiles 0-1: A, 2-3: B, 4-7: C.
-// (tile numbers are literals: GCC pastes them into the instruction)
-#define WOW_KEYS(c, tile)                                                             \
-    _tile_loadd(2, kb + size_t(c) * 32, KB * 4);                                       \
-    _tile_dpbf16ps(tile, 0, 2);                                                        \
-    _tile_loadd(3, kb + size_t(16 * KB + c * 16) * 2, KB * 4);                         \
-    _tile_dpbf16ps(tile, 1, 3);                                                        \
-    _tile_stored(tile, &s[0][16 * c], KB * 4);
-#define WOW_VALUES(u, tile)                                                           \
-    _tile_loadd(2, vb + size_t(u) * 32, 64 * 4);                                       \
-    _tile_dpbf16ps(tile, 0, 2);                                                        \
-    _tile_loadd(3, vb + size_t(16 * 64 + u * 16) * 2, 64 * 4);                         \
-    _tile_dpbf16ps(tile, 1, 3);                                                        \
-    _tile_stored(tile, &o[0][16 * u], 64 * 4);
+// The running state of 16 queries (one per lane) read by tile products: output transposed
+// (o[d][query], not yet divided by the sum), running max and sum.
+struct Lanes {
+    alignas(64) float o[64][16] = {};
+    __m512 max = _mm512_set1_ps(-3.0e38f), sum = _mm512_setzero_ps();
+};
 
-void head_block_amx(const uint16_t* __restrict__ qt, int nq, const uint16_t* __restrict__ kb,
-                    const uint16_t* __restrict__ vb, int n, float scale, State* st, float* __restrict__ acc) {
-    constexpr int D = 64;
-    alignas(64) float s[16][KB];
-    alignas(64) uint16_t w[16][KB];
-    alignas(64) float o[16][D];
-    float rescale[16];
-    _tile_loadd(0, qt, D * 2);
-    _tile_loadd(1, qt + 32, D * 2);
-    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
-    WOW_KEYS(0, 4) WOW_KEYS(1, 5) WOW_KEYS(2, 6) WOW_KEYS(3, 7)
-    const __m512 c = _mm512_set1_ps(scale);
-    for (int x = 0; x < 16; ++x) {
-        if (x < nq) {
-            for (int u = 0; u < 4; ++u) _mm512_store_ps(&s[x][16 * u], _mm512_mul_ps(_mm512_load_ps(&s[x][16 * u]), c));
-            rescale[x] = softmax_update(s[x], n, st[x]);
-            for (int j = n; j < KB; ++j) s[x][j] = 0.0f;                 // keys past the head's end
-        } else {
-            for (int j = 0; j < KB; ++j) s[x][j] = 0.0f;                 // no query in this row
-        }
-        for (int u = 0; u < 2; ++u)
-            _mm512_store_si512(&w[x][32 * u], (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&s[x][32 * u + 16]),
-                                                                          _mm512_load_ps(&s[x][32 * u])));
+// 16 queries (qp: dims in pairs, [32][16][2] bf16) against one block of n <= 64 keys (kr: rows of
+// 64 bf16, zero past n) and values (vt: [64 dims][64 keys] bf16), D = 64, by AMX tile products,
+// transposed so that every softmax step is one vector op per key across the 16 queries (no
+// horizontal max or sum): S^T = K Q^T, then O^T += V^T P^T. The weights P are rounded to bf16 for
+// the values' sum (as torch's bf16 flash attention does); scores, max and sums stay fp32. With
+// ``last`` (causal prefill), query lane i sees keys up to position last[i]; the block starts at key0.
+// Tiles 0-1: A, 2-3: B, 4-7: C; tile numbers are literals (GCC pastes them into the instruction).
+#define WOW_SCORES(c, tile)                                                           \
+    _tile_zero(tile);                                                                  \
+    _tile_loadd(0, kr + size_t(c) * 16 * 64, 128);                                     \
+    _tile_dpbf16ps(tile, 0, 2);                                                        \
+    _tile_loadd(1, kr + size_t(c) * 16 * 64 + 32, 128);                                \
+    _tile_dpbf16ps(tile, 1, 3);                                                        \
+    _tile_stored(tile, &s[16 * c][0], 64);
+#define WOW_SUM(u, tile)                                                              \
+    _tile_loadd(tile, &t.o[16 * u][0], 64);                                            \
+    _tile_loadd(0, vt + size_t(u) * 16 * 64, 128);                                     \
+    _tile_dpbf16ps(tile, 0, 2);                                                        \
+    _tile_loadd(1, vt + size_t(u) * 16 * 64 + 32, 128);                                \
+    _tile_dpbf16ps(tile, 1, 3);                                                        \
+    _tile_stored(tile, &t.o[16 * u][0], 64);
+
+void block_amx(const uint16_t* __restrict__ qp, const uint16_t* __restrict__ kr, const uint16_t* __restrict__ vt,
+               int n, float scale, Lanes& t, const int* last = nullptr, int key0 = 0) {
+    alignas(64) float s[64][16];
+    alignas(64) uint16_t pp[32][16][2];
+    _tile_loadd(2, qp, 64);
+    _tile_loadd(3, qp + 16 * 32, 64);
+    WOW_SCORES(0, 4)
+    if (n > 16) { WOW_SCORES(1, 5) }
+    if (n > 32) { WOW_SCORES(2, 6) }
+    if (n > 48) { WOW_SCORES(3, 7) }
+    const __m512 c = _mm512_set1_ps(scale), floor = _mm512_set1_ps(-3.0e38f);
+    const __m512i seen = last ? _mm512_loadu_si512(last) : _mm512_set1_epi32(0x7fffffff);
+    __m512 top = t.max;
+    for (int j = 0; j < n; ++j) {
+        const __mmask16 live = _mm512_cmpge_epi32_mask(seen, _mm512_set1_epi32(key0 + j));
+        const __m512 x = _mm512_mask_blend_ps(live, floor, _mm512_mul_ps(_mm512_load_ps(s[j]), c));
+        _mm512_store_ps(s[j], x);
+        top = _mm512_max_ps(top, x);
     }
-    _tile_loadd(0, &w[0][0], KB * 2);
-    _tile_loadd(1, &w[0][32], KB * 2);
-    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
-    WOW_VALUES(0, 4) WOW_VALUES(1, 5) WOW_VALUES(2, 6) WOW_VALUES(3, 7)
-    for (int x = 0; x < nq; ++x) {
-        const __m512 r = _mm512_set1_ps(rescale[x]);
-        for (int u = 0; u < 4; ++u)
-            _mm512_storeu_ps(acc + x * D + 16 * u,
-                             _mm512_fmadd_ps(_mm512_loadu_ps(acc + x * D + 16 * u), r, _mm512_load_ps(&o[x][16 * u])));
+    const __m512 rescale = exp16_nonpositive(_mm512_sub_ps(t.max, top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; ++j) {
+        const __mmask16 live = _mm512_cmpge_epi32_mask(seen, _mm512_set1_epi32(key0 + j));
+        const __m512 w = _mm512_maskz_mov_ps(live, exp16_nonpositive(_mm512_sub_ps(_mm512_load_ps(s[j]), top)));
+        _mm512_store_ps(s[j], w);
+        sum = _mm512_add_ps(sum, w);
     }
+    t.max = top;
+    t.sum = _mm512_fmadd_ps(t.sum, rescale, sum);
+    // P^T in pairs of keys: [key pair][query][2]
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int k = 0; k < 32; ++k) {
+        const __m512 even = 2 * k < n ? _mm512_load_ps(s[2 * k]) : zero;
+        const __m512 odd = 2 * k + 1 < n ? _mm512_load_ps(s[2 * k + 1]) : zero;
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);      // [even x 16, odd x 16]
+        _mm512_store_si512(pp[k], _mm512_permutexvar_epi16(interleave, both));
+    }
+    for (int d = 0; d < 64; ++d) _mm512_store_ps(t.o[d], _mm512_mul_ps(_mm512_load_ps(t.o[d]), rescale));
+    _tile_loadd(2, &pp[0][0][0], 64);
+    _tile_loadd(3, &pp[16][0][0], 64);
+    WOW_SUM(0, 4) WOW_SUM(1, 5) WOW_SUM(2, 6) WOW_SUM(3, 7)
 }
-#undef WOW_KEYS
-#undef WOW_VALUES
+#undef WOW_SCORES
+#undef WOW_SUM
+
+// Queries in pairs for block_amx: qp[e][i] = dims 2e, 2e+1 of query i (rows of 64 bf16 at q,
+// `stride` apart), zero past nq.
+void pair_queries(const uint16_t* q, size_t stride, int nq, uint16_t (*qp)[16][2]) {
+    std::memset(qp, 0, 32 * 16 * 2 * sizeof(uint16_t));
+    for (int i = 0; i < nq; ++i)
+        for (int e = 0; e < 32; ++e) std::memcpy(qp[e][i], q + i * stride + 2 * e, 4);
+}
 
 // A row's own tokens (slots [j0, end) of one KV head, keys and values rows of D = 64 bf16 at k and v)
 // for its P <= 4 queries (qp: [32 dim pairs][16][2] bf16, zero past P), by AMX: the scores of 16 slots x
@@ -418,19 +453,69 @@ void head_amx(const uint16_t* Q, const Args& a, int h, int r0, int rows, const u
               int length, State* st, float* acc) {
     constexpr int D = 64;
     const int P = a.P, nq = rows * P, blocks = (length + KB - 1) / KB;
-    thread_local std::vector<uint16_t> qt;
-    qt.assign(size_t((nq + 15) / 16) * 16 * D, 0);
-    for (int r = 0; r < rows; ++r)
-        std::memcpy(&qt[size_t(r) * P * D], &Q[(size_t(r0 + r) * a.n_kv + h) * P * D], size_t(P) * D * sizeof(uint16_t));
     static const TileConfig config;
     _tile_loadconfig(&config);
-    for (int blk = 0; blk < blocks; ++blk) {
-        const int n = std::min(KB, length - blk * KB);
-        for (int x = 0; x < nq; x += 16)
-            head_block_amx(&qt[size_t(x) * D], std::min(16, nq - x), hk + size_t(blk) * D * KB,
-                           hv + size_t(blk) * KB * D, n, a.scale, st + x, acc + size_t(x) * D);
+    alignas(64) uint16_t qp[32][16][2];
+    Lanes t;
+    for (int x0 = 0; x0 < nq; x0 += 16) {
+        const int n = std::min(16, nq - x0);
+        // query x of the item is row r0 + x / P, query head h * P + x % P: rows of Q are P * D apart
+        std::memset(qp, 0, sizeof qp);
+        for (int i = 0; i < n; ++i) {
+            const int x = x0 + i;
+            const uint16_t* q = &Q[((size_t(r0 + x / P) * a.n_kv + h) * P + x % P) * D];
+            for (int e = 0; e < 32; ++e) std::memcpy(qp[e][i], q + 2 * e, 4);
+        }
+        t = Lanes();
+        for (int blk = 0; blk < blocks; ++blk)
+            block_amx(&qp[0][0][0], hk + size_t(blk) * KB * D, hv + size_t(blk) * D * KB, std::min(KB, length - blk * KB),
+                      a.scale, t);
+        alignas(64) float m[16], l[16];
+        _mm512_store_ps(m, t.max);
+        _mm512_store_ps(l, t.sum);
+        for (int i = 0; i < n; ++i) {
+            st[x0 + i].max = m[i];
+            st[x0 + i].sum = l[i];
+            for (int e = 0; e < D; ++e) acc[size_t(x0 + i) * D + e] = t.o[e][i];
+        }
     }
     _tile_release();              // leave the tiles as torch's own AMX kernels expect them: unconfigured
+}
+#endif
+
+#if WOW_AMX
+// Causal self-attention of one sequence (a prompt head's prefill), D = 64, bf16, by AMX tiles:
+// queries q [n_kv, L, P, D] (a query per position and query head of a KV head, in tiles of 16),
+// keys and values in pairs (head layouts above), out [L, n_kv * P, D]. Query (t, p) attends to
+// keys 0..t. torch's CPU flash attention took ~2 ms per SmolLM2 layer at 450 tokens (~60 GFLOP/s).
+void causal_prefill(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, int L, int n_kv, int P,
+                    float scale, uint16_t* out, int threads) {
+    constexpr int D = 64;
+    const int rows = L * P, tiles = (rows + 15) / 16, blocks = (L + KB - 1) / KB;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int w = 0; w < n_kv * tiles; ++w) {
+        const int h = w / tiles, x0 = (w % tiles) * 16, nq = std::min(16, rows - x0);
+        alignas(64) uint16_t qp[32][16][2];
+        alignas(64) int last[16];
+        pair_queries(q + (size_t(h) * rows + x0) * D, D, nq, qp);
+        for (int i = 0; i < 16; ++i) last[i] = (x0 + std::min(i, nq - 1)) / P;    // the query's position
+        static const TileConfig config;
+        _tile_loadconfig(&config);
+        Lanes t;
+        const int upto = std::min(last[nq - 1] / KB + 1, blocks);          // blocks any query sees
+        for (int blk = 0; blk < upto; ++blk)
+            block_amx(&qp[0][0][0], kp + (size_t(h) * blocks + blk) * KB * D, vp + (size_t(h) * blocks + blk) * D * KB,
+                      std::min(KB, L - blk * KB), scale, t, last, blk * KB);
+        _tile_release();
+        alignas(64) float l[16];
+        _mm512_store_ps(l, t.sum);
+        for (int i = 0; i < nq; ++i) {
+            const int t_pos = (x0 + i) / P, p = (x0 + i) % P;
+            const float norm = 1.0f / l[i];
+            uint16_t* o = out + (size_t(t_pos) * n_kv * P + size_t(h) * P + p) * D;
+            for (int e = 0; e < D; ++e) store(t.o[e][i] * norm, o + e);
+        }
+    }
 }
 #endif
 
@@ -590,13 +675,24 @@ extern "C" {
 int wow_abi_version() { return 2; }
 
 // 1 where heads of this dtype (0 = float32, 1 = bfloat16) and head dim are read by AMX tiles, so
-// decode_kernel.HeadTable lays them out in pairs (layouts above); the first call asks Linux for the
-// tile state (arch_prctl ARCH_REQ_XCOMP_PERM; torch's oneDNN asks for it too). 0 elsewhere.
+// decode_kernel.HeadTable lays them out in pairs (layouts above); 0 elsewhere.
+// Causal prefill attention (causal_prefill above); 0, or 3 where AMX is not in use (wow_paired).
+int wow_causal_prefill(const void* q, const void* kp, const void* vp, int L, int n_kv, int P, float scale,
+                       void* out, int threads) {
+#if WOW_AMX
+    if (!amx_permitted()) return 3;
+    causal_prefill(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp),
+                   L, n_kv, P, scale, static_cast<uint16_t*>(out), threads);
+    return 0;
+#else
+    (void)q, (void)kp, (void)vp, (void)L, (void)n_kv, (void)P, (void)scale, (void)out, (void)threads;
+    return 3;
+#endif
+}
+
 int wow_paired(int dtype, int d) {
 #if WOW_AMX
-    static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    amx_enabled = permitted;
-    return permitted && dtype == 1 && d == 64;
+    return amx_permitted() && dtype == 1 && d == 64;
 #else
     (void)dtype;
     (void)d;

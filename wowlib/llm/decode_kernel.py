@@ -84,6 +84,8 @@ def load() -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.wow_cascade_decode.restype = i32
     lib.wow_paired.restype = i32
+    lib.wow_causal_prefill.restype = i32
+    lib.wow_causal_prefill.argtypes = [ptr, ptr, ptr, i32, i32, i32, ctypes.c_float, ptr, i32]
     lib.wow_paired.argtypes = [i32, i32]
     lib.wow_cascade_decode.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i64, i32, i32, ptr, ptr, ptr, ptr,
                                        ptr, ptr, ptr, i32, i32, i32, ctypes.c_float, ptr, i32, i32]
@@ -118,28 +120,19 @@ def _blocked_keys(keys: torch.Tensor) -> torch.Tensor:
     return padded.view(n_kv, -1, BLOCK, dim).transpose(-1, -2).contiguous()
 
 
-def _paired_keys(keys: torch.Tensor) -> torch.Tensor:
-    """[1, n_kv, L, d] -> [n_kv, blocks, d/2, BLOCK, 2], zero-padded: two dims of a key side by
-    side, the layout of an AMX tile product's second operand (dims summed over)."""
-    _, n_kv, length, dim = keys.shape
-    padded = torch.nn.functional.pad(keys[0], (0, 0, 0, -length % BLOCK))
-    return padded.view(n_kv, -1, BLOCK, dim // 2, 2).transpose(2, 3).contiguous()
-
-
-def _paired_values(values: torch.Tensor) -> torch.Tensor:
-    """[1, n_kv, L, d] -> [n_kv, blocks, BLOCK/2, d, 2], zero-padded: one dim of two keys side by
-    side (keys summed over)."""
-    _, n_kv, length, dim = values.shape
-    padded = torch.nn.functional.pad(values[0], (0, 0, 0, -length % BLOCK))
-    return padded.view(n_kv, -1, BLOCK // 2, 2, dim).transpose(-1, -2).contiguous()
+def _padded_rows(keys: torch.Tensor) -> torch.Tensor:
+    """[1, n_kv, L, d] -> [n_kv, blocks * BLOCK, d]: zero-padded to whole blocks (a tile product
+    reads 16 keys at a time as they are)."""
+    return torch.nn.functional.pad(keys[0], (0, 0, 0, -keys.shape[2] % BLOCK)).contiguous()
 
 
 def _head_layout(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A head's keys and values as the kernel reads them: in pairs where it reads them by AMX
-    tiles (``wow_paired``: bf16, head dim 64, a CPU with AMX), else keys blocked and transposed,
+    """A head's keys and values as the kernel reads them: where it reads them by AMX tiles
+    (``wow_paired``: bf16, head dim 64, a CPU with AMX), keys as rows and values blocked and
+    transposed (the operands of S^T = K Q^T and O^T = V^T P^T); else keys blocked and transposed,
     values as they are."""
     if keys.dtype in DTYPES and load().wow_paired(DTYPES[keys.dtype], keys.shape[-1]):
-        return _paired_keys(keys), _paired_values(values)
+        return _padded_rows(keys), _blocked_keys(values)
     return _blocked_keys(keys), values.contiguous()
 
 
@@ -197,4 +190,28 @@ def cascade_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"decode-attention kernel failed with status {status}")
+    return out
+
+
+def prefill_supported(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether ``causal_prefill`` takes this prefill: one bf16 sequence, head dim 64, queries for
+    every key (nothing cached before), on a CPU where the kernel reads bf16 by AMX tiles."""
+    return (query.device.type == "cpu" and query.dtype == key.dtype == torch.bfloat16 and query.shape[0] == 1
+            and query.shape[-1] == 64 and query.shape[2] == key.shape[2] > 1
+            and query.shape[1] % key.shape[1] == 0 and unavailable_reason() is None
+            and bool(load().wow_paired(DTYPES[torch.bfloat16], 64)))
+
+
+def causal_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one prompt (``prefill_supported``): ``query`` [1, n_q, L, d], ``key``
+    and ``value`` [1, n_kv, L, d]; returns [1, L, n_q, d] (the layout attention modules return)."""
+    _, n_q, length, dim = query.shape
+    n_kv = key.shape[1]
+    q = query[0].reshape(n_kv, n_q // n_kv, length, dim).transpose(1, 2).contiguous()   # [n_kv, L, P, d]
+    keys, values = _padded_rows(key), _blocked_keys(value)
+    out = torch.empty(1, length, n_q, dim, dtype=query.dtype)
+    status = load().wow_causal_prefill(q.data_ptr(), keys.data_ptr(), values.data_ptr(), length, n_kv, n_q // n_kv,
+                                       float(scale), out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"decode-attention kernel: causal prefill returned {status}")
     return out
