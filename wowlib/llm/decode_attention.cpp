@@ -7,6 +7,14 @@
 // per-call and per-(row, head) overhead; the FLOPs are small. Built by wowlib/llm/decode_kernel.py
 // with g++ -O3 -march=native -fopenmp (loaded through ctypes: no torch headers, builds in ~3-4 s).
 //
+// Where the CPU has AMX (Sapphire Rapids and later) and the model runs in bf16 with head dim 64,
+// scores and weighted sums are AMX tile products (16 queries x 16 keys x 32 dims per instruction),
+// transposed so that the online softmax is one vector op per key across 16 queries; the softmax
+// then dominates. The same block function prefills a prompt head's causal self-attention
+// (wow_causal_prefill). Measured alternatives that did not pay: AVX512-BF16 dot products
+// (vdpbf16ps: 0.92-1.06x; one per cycle where FMAs issue two) and tiles with queries as rows
+// (horizontal max and sum per query and block: the head part was 1.5x slower than transposed).
+//
 // Layouts (row-major, d = head dim, P = query heads per KV head):
 //   q     [B, n_kv, P, d]                      the step's queries (one token per row)
 //   k, v  element (b, h, j, e) at b * row_stride + h * head_stride + j * d + e   (own-token cache)
@@ -293,7 +301,8 @@ bool amx_permitted() {
     return permitted;
 }
 
-// Every tile 16 rows x 64 bytes: 16 queries x 32 bf16 (A), 16 pairs x 16 x 2 bf16 (B), 16 x 16 fp32 (C).
+// Every tile 16 rows x 64 bytes: 16 rows of 32 bf16 (A: keys, or values transposed), 16 rows of 16
+// pairs of bf16 (B: queries, or weights, in pairs), 16 x 16 fp32 (C).
 struct alignas(64) TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
@@ -481,13 +490,11 @@ void head_amx(const uint16_t* Q, const Args& a, int h, int r0, int rows, const u
     }
     _tile_release();              // leave the tiles as torch's own AMX kernels expect them: unconfigured
 }
-#endif
 
-#if WOW_AMX
 // Causal self-attention of one sequence (a prompt head's prefill), D = 64, bf16, by AMX tiles:
 // queries q [n_kv, L, P, D] (a query per position and query head of a KV head, in tiles of 16),
-// keys and values in pairs (head layouts above), out [L, n_kv * P, D]. Query (t, p) attends to
-// keys 0..t. torch's CPU flash attention took ~2 ms per SmolLM2 layer at 450 tokens (~60 GFLOP/s).
+// keys kp [n_kv, blocks * KB, D] (rows, zero-padded), values vp [n_kv, blocks, D, KB] (blocks
+// transposed), out [L, n_kv * P, D]. Query (t, p) attends to keys 0..t. torch's CPU flash attention took ~2 ms per SmolLM2 layer at 450 tokens (~60 GFLOP/s).
 void causal_prefill(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, int L, int n_kv, int P,
                     float scale, uint16_t* out, int threads) {
     constexpr int D = 64;

@@ -10,7 +10,8 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
   (groups whose own tokens are equally wide share one pass and one attention call);
 - decoding steps of that cascade attention in a compiled kernel (``decode_kernel``, C++ built on
   first use) that reads each group's head once for all its rows and each row's own tokens, in
-  one pass with an online softmax; torch's per-group attention calls where it cannot be built;
+  one pass with an online softmax, by AMX tile products in bf16 where the CPU has them; the
+  heads' causal prefill in the same kernel; torch's attention where it cannot be built;
 - a KV buffer allocated once per batch (no ``torch.cat`` growth per step);
 - finished sequences leave the batch at once (early stop per sequence);
 - logits only for the positions that are needed (never the full prompt x vocabulary);
