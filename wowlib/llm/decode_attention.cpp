@@ -596,10 +596,7 @@ void item(const Args& a, int i, int h, int r0, int r1) {
             _tile_loadconfig(&config);
             alignas(64) uint16_t qp[32][16][2];   // [dim pair][query][2], zero past the row's P queries
             for (int r = 0; r < rows; ++r) {
-                std::memset(qp, 0, sizeof qp);
-                const T* rq = &Q[(size_t(r0 + r) * a.n_kv + h) * P * D];
-                for (int p = 0; p < P; ++p)                // a pair of dims is 32 bits: copy pairs
-                    for (int e = 0; e < D / 2; ++e) std::memcpy(qp[e][p], rq + size_t(p) * D + 2 * e, 4);
+                pair_queries(&Q[(size_t(r0 + r) * a.n_kv + h) * P * D], D, P, qp);
                 const int64_t b = r0 + r;
                 const size_t base = size_t(b * a.row_stride + h * a.head_stride);
                 const uint8_t* m = a.mask ? a.mask + b * a.mask_stride : nullptr;
