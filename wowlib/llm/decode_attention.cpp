@@ -308,6 +308,7 @@ struct alignas(64) TileConfig {
     uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
     uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
+const TileConfig tile_config;         // the one configuration every tile product here uses
 
 // The running state of 16 queries (one per lane) read by tile products: output transposed
 // (o[d][query], not yet divided by the sum), running max and sum.
@@ -462,8 +463,7 @@ void head_amx(const uint16_t* Q, const Args& a, int h, int r0, int rows, const u
               int length, State* st, float* acc) {
     constexpr int D = 64;
     const int P = a.P, nq = rows * P, blocks = (length + KB - 1) / KB;
-    static const TileConfig config;
-    _tile_loadconfig(&config);
+    _tile_loadconfig(&tile_config);
     alignas(64) uint16_t qp[32][16][2];
     Lanes t;
     for (int x0 = 0; x0 < nq; x0 += 16) {
@@ -506,8 +506,7 @@ void causal_prefill(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, i
         alignas(64) int last[16];
         pair_queries(q + (size_t(h) * rows + x0) * D, D, nq, qp);
         for (int i = 0; i < 16; ++i) last[i] = (x0 + std::min(i, nq - 1)) / P;    // the query's position
-        static const TileConfig config;
-        _tile_loadconfig(&config);
+        _tile_loadconfig(&tile_config);
         Lanes t;
         const int upto = std::min(last[nq - 1] / KB + 1, blocks);          // blocks any query sees
         for (int blk = 0; blk < upto; ++blk)
@@ -592,8 +591,7 @@ void item(const Args& a, int i, int h, int r0, int r1) {
 #if WOW_AMX
     if constexpr (std::is_same_v<T, uint16_t> && D == 64) {
         if (amx && P <= 4) {
-            static const TileConfig config;
-            _tile_loadconfig(&config);
+            _tile_loadconfig(&tile_config);
             alignas(64) uint16_t qp[32][16][2];   // [dim pair][query][2], zero past the row's P queries
             for (int r = 0; r < rows; ++r) {
                 pair_queries(&Q[(size_t(r0 + r) * a.n_kv + h) * P * D], D, P, qp);
