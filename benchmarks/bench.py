@@ -197,8 +197,9 @@ def kernel_note(model: HFModel) -> str:
 
 def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
     """Our sampler in fp32, bf16 (where the CPU has native bf16; the default on AMX CPUs), bf16
-    without the compiled decode-attention kernel, bf16 with plain ``nn.Linear`` (weights not reordered
-    once for oneDNN, ``packed.py``), and int8 (dynamic quantisation: measured for
+    without the compiled decode-attention kernel, bf16 without the fused RMSNorm and MLP passes, bf16
+    with the transformers modules as they are (linear weights not reordered once for oneDNN, nothing
+    fused: ``packed.py``), and int8 (dynamic quantisation: measured for
     speed, but see the parity section). Which attention each uses is printed."""
     variants = [("wowlib sampler fp32", HFOptions(dtype="fp32", max_batch=max_batch))]
     if _cpu_has_bf16():
@@ -206,7 +207,9 @@ def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
                          HFOptions(dtype="bf16", max_batch=max_batch)))
         variants.append(("wowlib sampler bf16, torch attention (no kernel)",
                          HFOptions(dtype="bf16", max_batch=max_batch, attention="torch")))
-        variants.append(("wowlib sampler bf16, linear weights not prepacked",
+        variants.append(("wowlib sampler bf16, RMSNorm and MLP not fused",
+                         HFOptions(dtype="bf16", max_batch=max_batch, fused=False)))
+        variants.append(("wowlib sampler bf16, neither fused nor linear weights prepacked",
                          HFOptions(dtype="bf16", max_batch=max_batch, prepack=False)))
     variants.append(("wowlib sampler int8 (inaccurate: see parity)", HFOptions(dtype="fp32", int8=True,
                                                                                max_batch=max_batch)))

@@ -121,11 +121,13 @@ def test_a_failed_build_names_the_compiler_and_its_error(tmp_path: Path, monkeyp
     broken.write_text("#!/bin/sh\necho 'fatal: no such instruction set' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CXX", str(broken))
+    decode_kernel.compiled.cache_clear()
     decode_kernel.load.cache_clear()
     decode_kernel.unavailable_reason.cache_clear()
     try:
         reason = decode_kernel.unavailable_reason()
     finally:
+        decode_kernel.compiled.cache_clear()
         decode_kernel.load.cache_clear()
         decode_kernel.unavailable_reason.cache_clear()
     assert reason is not None and str(broken) in reason and "no such instruction set" in reason

@@ -18,7 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -46,41 +46,48 @@ def _cpu_key() -> str:
     return flags
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, source: Path, target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             try:
-                proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=False,
+                proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=False,
                                       capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.TimeoutExpired) as err:
                 raise KernelUnavailable(f"cannot run {compiler}: {err}") from err
             if proc.returncode != 0:
-                raise KernelUnavailable(f"{compiler} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+                raise KernelUnavailable(f"{compiler} failed to build {source.name}:\n{proc.stderr[-2000:]}")
             os.replace(built, target)                    # atomic: concurrent builds never see half a file
     except OSError as err:
         raise KernelUnavailable(f"cannot write the kernel to {target.parent} (set $WOW_CACHE_DIR): {err}") from err
 
 
-@lru_cache(maxsize=1)
-def load() -> ctypes.CDLL:
-    """The kernel library, built if needed; raises ``KernelUnavailable`` with the reason."""
+@cache
+def compiled(source: Path) -> ctypes.CDLL:
+    """A C++ source of this package built for this CPU (cached) and loaded; raises
+    ``KernelUnavailable`` with the reason. Also used for ``fused_ops.cpp`` (``packed.py``)."""
     if platform.system() != "Linux":
         raise KernelUnavailable(f"built only on Linux (this is {platform.system()})")
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if not compiler:
         raise KernelUnavailable("no C++ compiler (install g++ or set $CXX)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"decode_attention-{digest}.so"
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     if not target.exists():
-        _build(compiler, target)
+        _build(compiler, source, target)
     try:
-        lib = ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target))
     except OSError as err:
         raise KernelUnavailable(f"cannot load {target}: {err}") from err
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL:
+    """The kernel library, built if needed; raises ``KernelUnavailable`` with the reason."""
+    lib = compiled(SOURCE)
     if lib.wow_abi_version() != 2:
-        raise KernelUnavailable(f"{target} has another ABI version")
+        raise KernelUnavailable(f"{SOURCE.name}'s build has another ABI version")
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.wow_cascade_decode.restype = i32
     lib.wow_paired.restype = i32
