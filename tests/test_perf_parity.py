@@ -179,6 +179,8 @@ def test_fused_rms_norm_and_mlp_compute_what_the_transformers_modules_compute(ro
                 assert apart.max() <= 1 and apart.float().mean() < 0.01, (width, apart.max(), apart.float().mean())
     with pytest.raises(ValueError, match="FusedRMSNorm takes bf16 CPU tensors, got torch.float32"):
         packed.FusedRMSNorm(norm, ops)(x.float())
+    with pytest.raises(ValueError, match="FusedRMSNorm of width 200 got inputs of shape"):
+        packed.FusedRMSNorm(norm, ops)(x[..., :64])
 
 
 def test_packed_linear_takes_only_bf16_cpu_layers_and_models_passed_in_stay_as_they_are(
