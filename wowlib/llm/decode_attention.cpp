@@ -34,6 +34,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd_math.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -50,34 +52,9 @@ namespace {
 constexpr int KB = 64;             // keys per block: scores of a block are 4 AVX-512 vectors
 
 inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) { return std::bit_cast<float>(uint32_t(x) << 16); }   // bf16 -> fp32
+inline float to_float(uint16_t x) { return wow::widen(x); }
 inline void store(float x, float* dst) { *dst = x; }
-inline void store(float x, uint16_t* dst) {             // fp32 -> bf16, round to nearest even (as torch)
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);                    // outputs are finite (softmax averages)
-    *dst = uint16_t(u >> 16);
-}
-
-// e^x for x <= 0 (a score minus the running max): x = n ln2 + r, e^r by Cephes' degree-6
-// polynomial (relative error ~1e-7), 2^n from the exponent bits. The scalar form (rescale factors,
-// block tails); exp16_nonpositive below is the same on 16 lanes.
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const int32_t n = -int32_t(0.5f - x * 1.44269504088896341f);          // round(x / ln2), x <= 0
-    const float r = x - float(n) * 0.693359375f + float(n) * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
+inline void store(float x, uint16_t* dst) { *dst = wow::round_bf16(x); }    // outputs are finite (softmax averages)
 
 struct Args {
     const void* q;
@@ -107,10 +84,7 @@ struct State {
 #if defined(__AVX512F__)
 // 16 values as fp32 (bf16: widen to 32 bits and shift into the high half).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
+inline __m512 load16(const uint16_t* p) { return wow::widen16(p); }
 #endif
 
 // Scores of one query against a block of head keys stored transposed (kt[e * KB + j]), fp32.
@@ -175,26 +149,6 @@ void accumulate(float* __restrict__ acc, float rescale, const float* p, const T*
 #endif
 }
 
-#if defined(__AVX512F__)
-// exp_nonpositive on 16 lanes (without -ffast-math GCC keeps the reductions and this polynomial
-// scalar: written out by hand).
-inline __m512 exp16_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);                                      // p * 2^n
-}
-#endif
-
 // Fold a block's n scores into a query's running max and sum: s becomes the block's weights
 // e^(s - new max); returns the factor the output so far is multiplied by.
 inline float softmax_update(float* __restrict__ s, int n, State& st) {
@@ -207,21 +161,21 @@ inline float softmax_update(float* __restrict__ s, int n, State& st) {
 #endif
     for (; i < n; ++i) block_max = std::max(block_max, s[i]);
     const float new_max = std::max(st.max, block_max);
-    const float rescale = exp_nonpositive(st.max - new_max);
+    const float rescale = wow::exp_poly(st.max - new_max);
     float sum = 0.0f;
     int j = 0;
 #if defined(__AVX512F__)
     __m512 total = _mm512_setzero_ps();
     const __m512 shift = _mm512_set1_ps(new_max);
     for (; j + 16 <= n; j += 16) {
-        const __m512 w = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
+        const __m512 w = wow::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
         _mm512_storeu_ps(s + j, w);
         total = _mm512_add_ps(total, w);
     }
     sum = _mm512_reduce_add_ps(total);
 #endif
     for (; j < n; ++j) {
-        s[j] = exp_nonpositive(s[j] - new_max);
+        s[j] = wow::exp_poly(s[j] - new_max);
         sum += s[j];
     }
     st.max = new_max;
@@ -358,11 +312,11 @@ void block_amx(const uint16_t* __restrict__ qp, const uint16_t* __restrict__ kr,
         _mm512_store_ps(s[j], x);
         top = _mm512_max_ps(top, x);
     }
-    const __m512 rescale = exp16_nonpositive(_mm512_sub_ps(t.max, top));
+    const __m512 rescale = wow::exp16(_mm512_sub_ps(t.max, top));
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < n; ++j) {
         const __mmask16 live = _mm512_cmpge_epi32_mask(seen, _mm512_set1_epi32(key0 + j));
-        const __m512 w = _mm512_maskz_mov_ps(live, exp16_nonpositive(_mm512_sub_ps(_mm512_load_ps(s[j]), top)));
+        const __m512 w = _mm512_maskz_mov_ps(live, wow::exp16(_mm512_sub_ps(_mm512_load_ps(s[j]), top)));
         _mm512_store_ps(s[j], w);
         sum = _mm512_add_ps(sum, w);
     }

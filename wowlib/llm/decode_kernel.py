@@ -2,7 +2,7 @@
 
 Built on first use with the system's C++ compiler (``g++``, or ``$CXX``) for this CPU
 (``-march=native``) into ``<WOW_CACHE_DIR>/kernels/`` (default ``~/.cache/wowlib``), keyed by the
-source, the compiler, the flags and the CPU, and loaded through ctypes: no torch headers, ~2 s to build.
+source (and ``simd_math.h``), the compiler, the flags and the CPU, and loaded through ctypes: no torch headers, ~2 s to build.
 Where it cannot be built, ``load()`` says why and the sampler uses torch's attention
 (``HFOptions.attention``: "auto" logs the reason, "kernel" raises it). It is used on x86-64 CPUs
 with AVX-512 only: elsewhere its portable loops compile, but are neither measured nor tested, so
@@ -65,14 +65,17 @@ def _build(compiler: str, source: Path, target: Path) -> None:
 
 @cache
 def compiled(source: Path) -> ctypes.CDLL:
-    """A C++ source of this package built for this CPU (cached) and loaded; raises
-    ``KernelUnavailable`` with the reason. Also used for ``fused_ops.cpp`` (``packed.py``)."""
+    """A C++ source of this package built for this CPU (cached, keyed by the source, the headers
+    beside it, the compiler, the flags and the CPU) and loaded; raises ``KernelUnavailable`` with
+    the reason. Also used for ``fused_ops.cpp`` (``packed.py``)."""
     if platform.system() != "Linux":
         raise KernelUnavailable(f"built only on Linux (this is {platform.system()})")
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if not compiler:
         raise KernelUnavailable("no C++ compiler (install g++ or set $CXX)")
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))     # what it may include
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *FLAGS, _cpu_key()]).encode()
+                            ).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{digest}.so"
     if not target.exists():
         _build(compiler, source, target)

@@ -10,46 +10,17 @@
 // (fp32 arithmetic, rounded to bf16 where torch rounds), so results differ from torch only where a
 // float sum's order or exp's last bit moves a value across a bf16 rounding boundary (rare, 1 ulp).
 // Built by wowlib/llm/decode_kernel.py (compile) with g++ -O3 -march=native -fopenmp; loaded via ctypes.
-#include <bit>
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd_math.h"
 
 namespace {
 
-inline float widen(uint16_t x) { return std::bit_cast<float>(uint32_t(x) << 16); }
-inline uint16_t round_bf16(float x) {                   // fp32 -> bf16, round to nearest even (as torch)
-    uint32_t u = std::bit_cast<uint32_t>(x);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-
-// e^x by Cephes' degree-6 polynomial after x = n ln2 + r (relative error ~1e-7), clamped to the
-// range where fp32 stays finite and normal.
-inline float exp_poly(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);     // (fmin / fmax would not vectorise)
-    constexpr float ROUND = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
-    const int32_t n = int32_t((x * 1.44269504088896341f + ROUND) - ROUND);
-    const float r = x - float(n) * 0.693359375f + float(n) * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * std::bit_cast<float>((n + 127) << 23);
-}
+using wow::exp_poly, wow::exp16, wow::round_bf16, wow::widen, wow::widen16;
 
 #if defined(__AVX512F__)
-// The same three steps on 16 lanes (GCC leaves the scalar forms' selects and rounding unvectorised).
-inline __m512 widen16(const uint16_t* p) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
+// bf16 rounding on 16 lanes (GCC leaves the scalar form unvectorised).
 inline __m512i rounded16(__m512 x) {                     // bf16 bits in the low half of each lane
     const __m512i u = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -58,22 +29,6 @@ inline __m512i rounded16(__m512 x) {                     // bf16 bits in the low
 inline __m512 round16(__m512 x) { return _mm512_castsi512_ps(_mm512_slli_epi32(rounded16(x), 16)); }
 inline void store16(uint16_t* p, __m512 x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded16(x)));
-}
-inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                     _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 #endif
 
