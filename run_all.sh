@@ -12,6 +12,8 @@ config=configs/$profile.yaml
 # A typo in a profile would be silently ignored by papermill: check every key and name first.
 if [ "${2:-}" = "--dry-run" ]; then exec .venv/bin/python -m wowlib.config "$config"; fi
 .venv/bin/python -m wowlib.config "$config" --check
+# Every file the profile's tasks read must be in the data directory (present and with its sha256).
+.venv/bin/python -m wowlib.data check "$config" || { echo "run_all.sh: data missing or corrupt for profile '$profile' (see above)" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
 export PYTHONHASHSEED=0
 run=${WOW_RUN:-$(sed -n 's/^run: *//p' "$config")}
