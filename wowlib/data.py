@@ -76,7 +76,8 @@ KC = ("Wenwen-D/KnowledgeCrosswords", "be2f751299cdb077c49fb1d7c2389212fc751e4f"
 NLGRAPH = ("Arthur-Heng/NLGraph", "5ba0e9343de160501530e82c4b4ed5ce0d999c03")
 # nlgraph/matching/main.json was taken at a369f32, whose full id could not be looked up; the copy
 # at 5ba0e93 is a different version of that file (1,072,177 characters against 1,069,344), so the
-# short id is kept (GitHub resolves a unique abbreviated commit id in raw URLs).
+# short id is kept (raw.githubusercontent.com accepts an unambiguous abbreviated commit id; not
+# tried from the development machines, which have no internet).
 NLGRAPH_MATCHING = ("Arthur-Heng/NLGraph", "a369f32")
 # MMLU-Pro is the TIGER-Lab/MMLU-Pro test split (data/test-00000-of-00001.parquet, MIT), but the
 # exact file pinned here is the copy kept in the FuseAI repository, at 7d9a307 (full id not found;
