@@ -149,7 +149,7 @@ MANUAL: dict[str, tuple[str, str]] = {
 
 # What the project does not fetch at all (for the docs and the CLI's help).
 NOT_FETCHED = (
-    "COM2 (only on a dataset hub; see MANUAL)",
+    "COM2 (only on a dataset hub; put com2/com2.csv in place by hand)",
     "the Vera plausibility model (HellaSwag's and COM2's proxy in the paper)",
     "FActScore's Wikipedia database (~20 GB) and its ChatGPT backend",
     "the full lichess puzzle database (several GB; the chess task reads a 1,499-row excerpt)",
@@ -511,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     manual = [t for t in tasks or [] if t in MANUAL]
     sources = sources_for(tasks)
     base = mirror_base(args.mirror)
-    print(f"fetching {len(sources)} files into {data_dir} from {base}")
+    print(f"fetching {len(sources)} file{'s' if len(sources) != 1 else ''} into {data_dir} from {base}")
     results = fetch(sources, data_dir, base=base, progress=not args.no_progress)
     for r in results:
         print(f"  {r.outcome:<10} {r.path}")
