@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from wowlib import align
+from wowlib import align, store
 from wowlib.align import AlignConfig
 
 pytestmark = pytest.mark.filterwarnings(   # trl 1.16 calls a transformers 5.24 deprecated property
@@ -333,6 +336,7 @@ def test_train_log_has_the_reward_history(runs, tiny_dir):
     assert log_["seconds_per_pair"] > 0 and log_["peak_rss_mb"] > 100 and log_["wall_seconds"] >= log_["train_seconds"]
     assert log_["key"] == align.run_key(toy_config("dpo"), tiny_dir, toy_prefs())
     assert log_["libraries"]["trl"]
+    assert log_["files"] == {name: store.file_sha256(out / name) for name in align.ADAPTER_FILES}
     logging.getLogger(__name__).info("DPO on the tiny model: %.4f s per pair (%d torch threads)",
                                      log_["seconds_per_pair"], log_["torch_threads"])
 
@@ -350,11 +354,18 @@ def test_a_rerun_with_the_same_key_skips_training(runs, tiny_dir, monkeypatch, c
         assert align.train(toy_config("dpo"), tiny_dir, relabelled, out, eval_prefs=toy_prefs(4, 100)) == out
     assert "already trained" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
-    # a different config, data or base model is a different key: training is attempted
-    for config, prefs in ((toy_config("dpo", seed=1), toy_prefs()), (toy_config("dpo"), toy_prefs(15))):
-        with pytest.raises(AssertionError, match="build_trainer called"):
-            align.train(config, tiny_dir, prefs, out)
-        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes   # the old run is intact
+    # different data is a different key: training is attempted
+    with pytest.raises(AssertionError, match="build_trainer called"):
+        align.train(toy_config("dpo"), tiny_dir, toy_prefs(15), out)
+    # a different config (or base model) for the same folder is refused unless asked for
+    monkeypatch.delenv(store.OVERWRITE_ENV, raising=False)
+    with pytest.raises(store.OverwriteError, match=r"train_log.json was made with other settings \(seed: 42 -> 1\)"):
+        align.train(toy_config("dpo", seed=1), tiny_dir, toy_prefs(), out)
+    with pytest.raises(store.OverwriteError, match=r"base_model: .* -> \"another-name\""):
+        align.train(toy_config("dpo"), tiny_dir, toy_prefs(15), out, base_model="another-name")
+    with pytest.raises(AssertionError, match="build_trainer called"):
+        align.train(toy_config("dpo", seed=1), tiny_dir, toy_prefs(), out, overwrite=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes   # the old run is intact
     assert not list(out.parent.glob(f".{out.name}.tmp*"))
 
 
@@ -375,6 +386,111 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny_dir, tmp_pat
     out.mkdir()                                       # a half adapter (no log) is not a trained run
     (out / "adapter_config.json").write_text("{}")
     assert not align.is_trained(out, align.run_key(toy_config("dpo"), tiny_dir, toy_prefs()))
+
+
+# ---------------------------------------------------------------------------- integrity and provenance
+
+def _copy_of(runs, trainer: str, tmp_path: Path) -> Path:
+    out, _ = runs(trainer)
+    copy = tmp_path / "models" / out.name
+    shutil.copytree(out, copy)
+    return copy
+
+
+def test_a_damaged_adapter_is_not_trained_and_rerunning_repairs_it(runs, tiny_dir, tmp_path, caplog):
+    """A truncated adapter_model.safetensors (a full disk, a broken copy) fails the checksums that
+    train_log.json records: not trained (a warning names the file), so train() retrains it; before,
+    notebook 03 skipped it and notebook 04 crashed inside peft."""
+    out = _copy_of(runs, "dpo", tmp_path)
+    weights = out / "adapter_model.safetensors"
+    key = align.run_key(toy_config("dpo"), tiny_dir, toy_prefs())
+    assert align.is_trained(out, key)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING, logger="wowlib.align"):
+        assert not align.is_trained(out, key)
+    assert "adapter_model.safetensors does not match the sha256 recorded in train_log.json" in caplog.text
+    with pytest.raises(align.AdapterError, match=f"adapter {out}: adapter_model.safetensors does not match"):
+        align.verify_adapter(out)
+    align.train(toy_config("dpo"), tiny_dir, toy_prefs(), out, eval_prefs=toy_prefs(4, 100))
+    assert align.is_trained(out, key) and align.verify_adapter(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_a_changed_byte_is_caught_where_the_structure_still_holds(runs, tmp_path):
+    out = _copy_of(runs, "dpo", tmp_path)
+    weights = out / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert align._safetensors_problem(weights) is None                    # still a well-formed file
+    (problem,) = align.adapter_problems(out)
+    assert problem.startswith("adapter_model.safetensors does not match the sha256 recorded in train_log.json")
+
+
+def test_evaluation_refuses_a_damaged_adapter_naming_it(runs, tmp_path):
+    """Every backend hashes an adapter (wowlib.llm.hf.adapter_hash) before it loads it: a damaged
+    one is a clear error naming the directory and the file, not a crash inside peft."""
+    from wowlib.llm.hf import adapter_hash
+    out = _copy_of(runs, "dpo", tmp_path)
+    assert adapter_hash(out)
+    (out / "adapter_config.json").write_text('{"r": 16, "lora_alpha"')
+    with pytest.raises(align.AdapterError, match=rf"adapter {out}: adapter_config.json does not match .*Retrain it"):
+        adapter_hash(out)
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(align.AdapterError, match="adapter_config.json is missing"):
+        adapter_hash(out)
+
+
+def test_an_adapter_without_checksums_is_checked_for_structure_and_upgraded(runs, tiny_dir, tmp_path, monkeypatch):
+    """Adapters trained before checksums were recorded: intact ones stay trained (no retraining),
+    and the next train() records their checksums and a portable base model; a truncated one is not
+    trained."""
+    out = _copy_of(runs, "dpo", tmp_path)
+    old_log = align.read_log(out)
+    old_log.pop("files")
+    old_log["base_model"] = "/root/.cache/wowlib/models/tiny-0123456789abcdef"
+    store.write_json(out / align.LOG_FILE, old_log)
+    key = align.run_key(toy_config("dpo"), tiny_dir, toy_prefs())
+    assert align.is_trained(out, key) and align.adapter_problems(out) == []
+    monkeypatch.setattr(align, "build_trainer", lambda *a, **k: pytest.fail("an intact adapter was retrained"))
+    align.train(toy_config("dpo"), tiny_dir, toy_prefs(), out, base_model="tiny")
+    upgraded = align.read_log(out)
+    assert upgraded["files"] == align.adapter_checksums(out) and upgraded["base_model"] == "tiny"
+    weights = out / "adapter_model.safetensors"
+    store.write_json(out / align.LOG_FILE, old_log)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert not align.is_trained(out, key)
+    assert align.adapter_problems(out) == ["adapter_model.safetensors is truncated or damaged (its header describes "
+                                           f"{weights.stat().st_size + 100} bytes; the file has {weights.stat().st_size})"]
+
+
+def test_provenance_names_the_base_model_not_a_machine_path(runs, tiny_dir):
+    """train_log.json and adapter_config.json name the base model portably (here the cache-relative
+    folder of the tiny model; run_alignment passes the model's name), never an absolute path."""
+    out, _ = runs("dpo")
+    expected = align.portable_model_name(tiny_dir)
+    assert not Path(expected).is_absolute() and expected.endswith(tiny_dir.name)
+    assert align.read_log(out)["base_model"] == expected
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == expected
+    for f in out.iterdir():
+        assert store.absolute_paths(f.read_bytes().decode("utf-8", "replace"), store.local_roots()) == [], f.name
+    assert align.portable_model_name(tiny_dir, "smollm2-135m") == "smollm2-135m"
+    assert align.portable_model_name("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert align.portable_model_name("/somewhere/else/ckpt-7") == "ckpt-7"
+
+
+def test_killed_training_leftovers_are_removed_on_the_next_run(tiny_dir, tmp_path, monkeypatch):
+    """A killed training run leaves .<name>.tmp<pid> in models/; the next train() removes those of
+    dead processes and keeps a live one's (a concurrent trainer)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    models = tmp_path / "models"
+    (models / f".other.tmp{dead.pid}" / "_trainer").mkdir(parents=True)
+    (models / f".busy.tmp{os.getpid()}").mkdir()
+    monkeypatch.setattr(align, "build_trainer", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        align.train(toy_config("dpo"), tiny_dir, toy_prefs(), models / "model")
+    assert sorted(p.name for p in models.iterdir()) == [f".busy.tmp{os.getpid()}"]
 
 
 def test_training_is_reproducible(runs, tiny_dir, tmp_path):

@@ -28,7 +28,10 @@ with 2 torch threads on an idle machine but ~4.8 s with 2 and ~3.3 s with 1 whil
 held a core; ``torch.set_num_threads(1)`` / ``OMP_NUM_THREADS=1`` is the safe choice when sharing.
 
 ``build_trainer`` is the only function that touches trl's API; ``train`` wraps it with the
-content-hash skip, the atomic write of the adapter and ``train_log.json``.
+content-hash skip, the atomic write of the adapter and ``train_log.json`` (written last, with the
+sha256 of every adapter file: an adapter counts as trained only when they verify), and portable
+provenance: the log and ``adapter_config.json`` name the base model (``"smollm2-135m"``), never a
+machine's cache path.
 """
 from __future__ import annotations
 
@@ -405,44 +408,195 @@ def model_identity(model_dir: str | Path) -> dict[str, Any]:
     return {"name": path.name, "files": files}
 
 
+def portable_model_name(model_dir: str | Path, name: str | Path | None = None) -> str:
+    """The base model as a committed file may name it: ``name`` (a named model such as
+    ``"smollm2-135m"``, or a hub id) when given, else ``model_dir``; an absolute directory becomes a
+    path relative to the cache directory or the repository, else its bare name (no user names, no
+    machine layout)."""
+    text = str(name if name is not None else model_dir)
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        return text
+    from . import paths
+    resolved = path.resolve()
+    for root in (paths.cache_dir(), paths.REPO_ROOT):
+        try:
+            return resolved.relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    return path.name
+
+
 def run_key(config: AlignConfig, model_dir: str | Path, prefs: Any) -> str:
     """The content key of a training run: config + data + base model."""
     return store.content_hash({"config": config.identity(), "data": data_hash(prefs),
                                "base_model": model_identity(model_dir)})
 
 
+# ---------------------------------------------------------------------------- adapter integrity
+#
+# An adapter counts as trained only when its files verify: ``train`` records the sha256 of every
+# adapter file in ``train_log.json`` (key ``files``), the last file it writes, and ``is_trained`` and
+# evaluation (``wowlib.llm.hf.adapter_hash``, which every backend calls before loading an adapter)
+# check them. An adapter without that record (trained before it existed, or by other means) is
+# checked for structure instead: a JSON config and a safetensors file whose header accounts for
+# its exact size, which is what a truncated copy fails.
+
+
+class AdapterError(ValueError):
+    """A damaged or incomplete adapter directory (the message names the directory and the file)."""
+
+
+def adapter_checksums(out_dir: Path) -> dict[str, str]:
+    """The sha256 of every adapter file in ``out_dir`` (``ADAPTER_FILES``)."""
+    return {name: store.file_sha256(Path(out_dir) / name) for name in ADAPTER_FILES}
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is truncated ({size} bytes: not even a safetensors header)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return f"{path.name} is truncated (its header alone should be {n} bytes; the file has {size})"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{path.name} is not a valid safetensors file (corrupt header)"
+    if 8 + n + end != size:
+        return f"{path.name} is truncated or damaged (its header describes {8 + n + end} bytes; the file has {size})"
+    return None
+
+
+def adapter_problems(out_dir: Path) -> list[str]:
+    """Why ``out_dir`` is not an intact adapter, one line per file ([]: it verifies)."""
+    out_dir = Path(out_dir)
+    missing = [name for name in ADAPTER_FILES if not (out_dir / name).is_file()]
+    if missing:
+        return [f"{name} is missing" for name in missing]
+    recorded = None
+    if (out_dir / LOG_FILE).exists():
+        try:
+            recorded = store.read_json(out_dir / LOG_FILE).get("files")
+        except (ValueError, OSError, AttributeError):
+            return [f"{LOG_FILE} is unreadable"]
+    if isinstance(recorded, dict):
+        problems = []
+        for name, found in adapter_checksums(out_dir).items():
+            if recorded.get(name) != found:
+                problems.append(f"{name} does not match the sha256 recorded in {LOG_FILE} when it was trained "
+                                f"({str(recorded.get(name))[:12]}... recorded, {found[:12]}... found): damaged or "
+                                "changed since")
+        return problems
+    problems = []
+    try:
+        config = json.loads((out_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            problems.append("adapter_config.json is not a JSON object")
+    except (ValueError, OSError):
+        problems.append("adapter_config.json is not valid JSON (truncated or damaged)")
+    problem = _safetensors_problem(out_dir / "adapter_model.safetensors")
+    return problems + ([problem] if problem else [])
+
+
+def verify_adapter(out_dir: str | Path) -> str:
+    """Check an adapter before it is loaded; returns a hash of its files' content. Raises
+    ``AdapterError`` naming the directory and the file when a file is missing, damaged or changed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise AdapterError(f"adapter {out_dir}: no such directory")
+    problems = adapter_problems(out_dir)
+    if problems:
+        raise AdapterError(f"adapter {out_dir}: {'; '.join(problems)}. Retrain it (notebook 03 / "
+                           "wowlib.align.run_alignment replaces a damaged adapter) or delete the directory")
+    return store.content_hash(adapter_checksums(out_dir))
+
+
 def is_trained(out_dir: Path, key: str) -> bool:
-    """A complete adapter and a log with the same key."""
+    """A complete adapter whose files verify, and a log with the same key. A damaged adapter is
+    not trained (a warning names the file), so the next ``train`` replaces it."""
+    out_dir = Path(out_dir)
     log_path = out_dir / LOG_FILE
-    if not all((out_dir / f).exists() for f in ADAPTER_FILES) or not log_path.exists():
+    if not log_path.exists() or not all((out_dir / f).exists() for f in ADAPTER_FILES):
         return False
     try:
-        return store.read_json(log_path).get("key") == key
-    except (ValueError, OSError):
+        if store.read_json(log_path).get("key") != key:
+            return False
+    except (ValueError, OSError, AttributeError):
         return False
+    problems = adapter_problems(out_dir)
+    for problem in problems:
+        log.warning("%s: %s; it is not taken as trained (it will be retrained)", out_dir, problem)
+    return not problems
+
+
+def _recorded_settings(out_dir: Path) -> dict[str, Any] | None:
+    """The settings of the run in ``out_dir`` that a retraining with other settings would replace
+    (its base model and config), from its log; None when there is no complete, intact run."""
+    try:
+        train_log = store.read_json(Path(out_dir) / LOG_FILE)
+    except (ValueError, OSError):
+        return None
+    if not isinstance(train_log, dict) or adapter_problems(out_dir):
+        return None
+    config = train_log.get("config") or {}
+    settings = {k: v for k, v in config.items()
+                if k not in RESULT_NEUTRAL and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    base = train_log.get("base_model")
+    if isinstance(base, str) and not Path(base).is_absolute():   # older logs hold a machine path: not compared
+        settings["base_model"] = base
+    return settings
+
+
+def _upgrade_log(out_dir: Path, base_name: str) -> None:
+    """A log written before adapters were checksummed: record the checksums of the (verified)
+    files and a portable base model, without retraining."""
+    log_path = out_dir / LOG_FILE
+    train_log = store.read_json(log_path)
+    if "files" in train_log and not Path(str(train_log.get("base_model", ""))).is_absolute():
+        return
+    train_log["files"] = adapter_checksums(out_dir)
+    if Path(str(train_log.get("base_model", ""))).is_absolute():
+        train_log["base_model"] = base_name
+    store.write_json(log_path, train_log)
+    log.info("%s: recorded its files' checksums and a portable base model in %s", out_dir, LOG_FILE)
 
 
 def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, out_dir: Path,
-          eval_prefs: list[dict] | Any | None = None) -> Path:
+          eval_prefs: list[dict] | Any | None = None, base_model: str | None = None,
+          overwrite: bool | None = None) -> Path:
     """Train a LoRA adapter and save it (adapter files + ``train_log.json``) into ``out_dir``.
 
     Skips training when ``out_dir`` already holds a complete run with the same key (config, data,
-    base model). Writes into a temporary sibling directory renamed at the end, so an interrupted
-    run never leaves a half adapter that looks complete.
+    base model) whose files verify. Writes into a temporary sibling directory renamed at the end,
+    and records the adapter files' sha256 in ``train_log.json``, written last, so an interrupted or
+    damaged run never looks complete. Temporary folders of killed runs are removed.
+
+    ``base_model``: the base model's portable name for the log and the adapter config (a named
+    model or a hub id; default: derived from ``model_dir`` without machine paths). Replacing a
+    complete run made with other settings (config, base model) raises ``store.OverwriteError``
+    unless ``overwrite=True`` (or ``WOW_OVERWRITE=1``); new data is not a setting: it retrains.
     """
     out_dir = Path(out_dir)
+    store.remove_stale_tmp(out_dir.parent)
+    base_name = portable_model_name(model_dir, base_model)
     key = run_key(config, model_dir, prefs)
     if is_trained(out_dir, key):
         log.info("%s: already trained (key %s), skipping", out_dir, key)
+        _upgrade_log(out_dir, base_name)
         return out_dir
     if out_dir.exists():
+        store.refuse_overwrite(out_dir / LOG_FILE, _recorded_settings(out_dir),
+                               {**config.identity(), "base_model": base_name}, overwrite=overwrite)
         log.warning("%s: replacing an incomplete or different run", out_dir)
     n_pairs = len(pair_records(prefs))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        log.info("training %s on %d pairs from %s -> %s", config.tag, n_pairs, model_dir, out_dir)
+        log.info("training %s on %d pairs from %s -> %s", config.tag, n_pairs, base_name, out_dir)
         start = time.perf_counter()
         trainer = build_trainer(config, model_dir, prefs, eval_prefs, output_dir=tmp / "_trainer")
         n_used = len(trainer.train_dataset)
@@ -452,6 +606,8 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
         train_start = time.perf_counter()
         result = trainer.train()
         train_seconds = time.perf_counter() - train_start
+        for peft_config in getattr(trainer.model, "peft_config", {}).values():
+            peft_config.base_model_name_or_path = base_name    # not the machine's cache path
         trainer.model.save_pretrained(str(tmp))          # a PeftModel: only the adapter
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         (tmp / "README.md").unlink(missing_ok=True)       # peft's empty model card
@@ -460,8 +616,8 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
             raise RuntimeError(f"the trainer saved no PEFT adapter ({missing} missing in {tmp})")
         state = trainer.state
         pairs_seen = state.global_step * config.per_device_train_batch_size * config.gradient_accumulation_steps
-        store.write_json(tmp / LOG_FILE, {
-            "key": key, "config": config.to_dict(), "base_model": str(model_dir),
+        store.write_json(tmp / LOG_FILE, {       # last: its checksums make the adapter count as trained
+            "key": key, "config": config.to_dict(), "base_model": base_name,
             "base_model_identity": model_identity(model_dir), "data_hash": data_hash(prefs), "n_pairs": n_pairs, "n_pairs_trained": n_used,
             "n_eval_pairs": len(pair_records(eval_prefs)) if eval_prefs is not None else 0,
             "device": resolve_device(config), "torch_threads": _torch_threads(),
@@ -470,7 +626,7 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
             "seconds_per_pair": round(train_seconds / max(pairs_seen, 1), 4),
             "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(),
             "train_loss": result.training_loss, "history": _jsonable(state.log_history),
-            "libraries": store.library_versions(),
+            "libraries": store.library_versions(), "files": adapter_checksums(tmp),
         })
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -547,16 +703,24 @@ def job_metadata(run: store.Run, job: AlignJob) -> dict[str, Any]:
             "elicitation_judge": key[1] if key else None, "elicitation_margin": key[2] if key else None}
 
 
-def run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob]) -> list[dict[str, Any]]:
+def run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob],
+                  overwrite: bool | None = None) -> list[dict[str, Any]]:
     """Train every job's adapter into ``models/<job.model>/`` (a trained one with the same
-    content key is reused) and write ``models/summary.csv``; returns its rows."""
+    content key whose files verify is reused; a damaged one is retrained) and write
+    ``models/summary.csv``; returns its rows. Holds the run's writer lock; ``overwrite``: replace
+    adapters trained with another base model (default: refused, see ``train``)."""
+    with run.writer("align", overwrite=overwrite):
+        return _run_alignment(run, base_model, jobs)
+
+
+def _run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob]) -> list[dict[str, Any]]:
     from .llm.models import model_path
     from .prefs import load
     model_dir = model_path(base_model)
     rows = []
     for k, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s", k, len(jobs), job.model)
-        out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model))
+        out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model), base_model=base_model)
         train_log = read_log(out)
         margins, accuracies = history(train_log, "rewards/margins"), history(train_log, "rewards/accuracies")
         rows.append({**job_metadata(run, job), "base_model": base_model, "n_pairs": train_log["n_pairs"],
@@ -759,6 +923,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
                                      description="Train one LoRA adapter on a preference set (wowlib.align.train).")
     parser.add_argument("--config", required=True, help="YAML with base_model, prefs, out_dir and align")
     parser.add_argument("--check", action="store_true", help="validate the config and the data, do not train")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an adapter in out_dir trained with another config or base model "
+                             "(default: refused; also WOW_OVERWRITE=1)")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -790,13 +957,21 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     if is_trained(job.out_dir, run_key(job.config, model_dir, prefs)):     # the same answer on every rank
         log.info("%s: already trained with this config, data and base model", job.out_dir)
         return job.out_dir
+    base_name = portable_model_name(model_dir, job.base_model)
+    try:                                  # decided on every rank alike, before any rank trains
+        store.refuse_overwrite(job.out_dir / LOG_FILE, _recorded_settings(job.out_dir),
+                               {**job.config.identity(), "base_model": base_name},
+                               overwrite=True if args.overwrite else None)
+    except store.OverwriteError as err:
+        print(f"error: {args.config}: {err} (command line: --overwrite)", file=sys.stderr)
+        raise SystemExit(2) from None
     if rank == 0:
-        out = train(job.config, model_dir, prefs, job.out_dir)
+        out = train(job.config, model_dir, prefs, job.out_dir, base_model=base_name, overwrite=True)
         log.info("adapter and %s in %s", LOG_FILE, out)
         return out
     scratch = job.out_dir.with_name(f".{job.out_dir.name}.rank{rank}")
     try:
-        train(job.config, model_dir, prefs, scratch)
+        train(job.config, model_dir, prefs, scratch, base_model=base_name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return None

@@ -785,7 +785,10 @@ class HFModel:
 
 
 def adapter_hash(adapter_dir: Path) -> str:
-    """Hash of a PEFT adapter's weights and config: part of the cache key of its answers."""
+    """Hash of a PEFT adapter's weights and config: part of the cache key of its answers. The
+    adapter is verified first (``align.verify_adapter``: an error names a damaged file)."""
+    from ..align import verify_adapter
+    verify_adapter(adapter_dir)
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         path = adapter_dir / name
