@@ -383,3 +383,101 @@ def test_stage_refuses_a_grid_without_val() -> None:
     metrics = ev.metrics_table([(m, recs) for m, recs in entries], n_resamples=NR)
     with pytest.raises(ValueError, match="needs 'val'"):
         _selected_comparisons(entries, metrics, EvalConfig(splits=("test",), n_resamples=NR))
+
+
+# ---------------------------------------------------------------------------- reuse key and reruns
+
+def _fake_adapter(directory, value: float = 1.0):
+    """An adapter folder that verifies by structure (no train_log: as one made outside wowlib)."""
+    import json
+    import struct
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 2, "base_model_name_or_path": "tiny"}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (directory / "adapter_model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + struct.pack("<2f", value, value))
+    return directory
+
+
+class _Answers:
+    """A stand-in model for answer_split: every answer is option A; counts its calls."""
+
+    name = key = "fake:tiny"
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, requests, desc=""):
+        from wowlib.llm.base import Completion
+        self.calls += len(requests)
+        return [Completion(text="The answer is A.", n_tokens=4, mean_logprob=-0.5) for _ in requests]
+
+
+EVAL = ev.EvalConfig(base_model="tiny", n_questions=2, n_samples=2, max_new_tokens=8, n_resamples=10)
+
+
+def test_the_reuse_key_has_no_machine_path_and_follows_the_adapters_content(tmp_path):
+    import json
+
+    from wowlib import store
+    run = store.Run(tmp_path / "run")
+    adapter = _fake_adapter(run.model("self-oracle-kc--dpo"))
+    params = ev.eval_params(EVAL, "self-oracle-kc--dpo", str(adapter), "kc", run)
+    assert params["adapter"] == "models/self-oracle-kc--dpo" and len(params["adapter_hash"]) == 16
+    assert store.absolute_paths(json.dumps(params), store.local_roots() + [tmp_path]) == []
+    moved = store.Run(tmp_path / "elsewhere" / "run")                   # a run directory moved or copied
+    (tmp_path / "elsewhere").mkdir()
+    run.root.rename(moved.root)
+    assert ev.eval_params(EVAL, "self-oracle-kc--dpo", str(moved.model("self-oracle-kc--dpo")), "kc", moved) == params
+    _fake_adapter(moved.model("self-oracle-kc--dpo"), value=2.0)        # retrained: other weights
+    assert ev.eval_params(EVAL, "self-oracle-kc--dpo", str(moved.model("self-oracle-kc--dpo")), "kc",
+                          moved)["hash"] != params["hash"]
+    assert "adapter_hash" not in ev.eval_params(EVAL, "tiny", None, "kc", moved)   # the base model: as before
+    weights = moved.model("self-oracle-kc--dpo") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    from wowlib.align import AdapterError
+    with pytest.raises(AdapterError, match=r"self-oracle-kc--dpo: adapter_model.safetensors is truncated"):
+        ev.eval_params(EVAL, "self-oracle-kc--dpo", str(moved.model("self-oracle-kc--dpo")), "kc", moved)
+
+
+def test_a_rerun_reuses_and_other_settings_are_refused(tmp_path, data_dir, monkeypatch):
+    """The same settings: the file is reused (no model call). Other settings for the same file:
+    refused, naming the file and the changed keys, unless overwrite=True (or WOW_OVERWRITE=1)."""
+    import dataclasses
+
+    from wowlib import store
+    monkeypatch.delenv(store.OVERWRITE_ENV, raising=False)
+    run = store.Run(tmp_path / "run")
+    adapter = str(_fake_adapter(run.model("m")))
+    llm = _Answers()
+    first = ev.answer_split(run, EVAL, "m", adapter, ["kc"], llm=llm)
+    assert llm.calls and len(first) == 2 * 2 * len(EVAL.splits)
+    assert ev.answer_split(run, EVAL, "m", adapter, ["kc"], llm=object()) == first      # reused as it is
+    other = dataclasses.replace(EVAL, n_samples=3)
+    with pytest.raises(store.OverwriteError) as err:
+        ev.answer_split(run, other, "m", adapter, ["kc"], llm=object())
+    assert str(run.eval("m", "kc")) in str(err.value) and "n_samples: 2 -> 3" in str(err.value)
+    assert ev.answer_split(run, EVAL, "m", adapter, ["kc"], llm=object()) == first      # untouched
+    again = ev.answer_split(run, other, "m", adapter, ["kc"], llm=_Answers(), overwrite=True)
+    assert len(again) == 2 * 3 * len(EVAL.splits)
+    assert not (run.root / store.WRITER_LOCK).exists()
+
+
+def test_an_old_manifest_with_an_absolute_adapter_path_is_the_same_setting(tmp_path, data_dir, monkeypatch):
+    """Manifests written before the key was made portable hold the adapter's absolute path and no
+    adapter_hash: the answers are recomputed (through the call cache) without a refusal."""
+    from wowlib import store
+    monkeypatch.delenv(store.OVERWRITE_ENV, raising=False)
+    run = store.Run(tmp_path / "run")
+    adapter = str(_fake_adapter(run.model("m")))
+    ev.answer_split(run, EVAL, "m", adapter, ["kc"], llm=_Answers())
+    manifest = store.read_json(run.eval("m", "kc").parent / "manifest.json")
+    params = manifest["entries"]["kc"]["params"]
+    params.pop("adapter_hash")
+    params.update(adapter=str(run.model("m").resolve()), hash="0123456789abcdef")
+    store.write_json(run.eval("m", "kc").parent / "manifest.json", manifest)
+    llm = _Answers()
+    ev.answer_split(run, EVAL, "m", adapter, ["kc"], llm=llm)
+    assert llm.calls
+    recorded = store.manifest_params(run.eval("m", "kc").parent, "kc")
+    assert recorded["adapter"] == "models/m" and recorded["adapter_hash"]

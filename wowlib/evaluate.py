@@ -28,6 +28,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -673,11 +674,33 @@ class EvalConfig:
         return list(dict.fromkeys(own + extra))
 
 
-def eval_params(config: EvalConfig, label: str, adapter: str | None, task: str) -> dict[str, Any]:
-    """The manifest parameters of ``eval/<label>/<task>.jsonl``; their ``hash`` decides reuse."""
-    params = {**asdict(config), "model": label, "adapter": adapter, "task": task}
+def eval_params(config: EvalConfig, label: str, adapter: str | None, task: str, run=None) -> dict[str, Any]:
+    """The manifest parameters of ``eval/<label>/<task>.jsonl``; their ``hash`` decides reuse.
+
+    An adapter enters as its path relative to ``run`` (``models/<name>``; outside the run: its
+    folder name), never a machine path, and as ``adapter_hash``, the hash of its verified files
+    (``align.verify_adapter``: a damaged adapter is an error here, before any model is loaded), so
+    a retrained adapter is evaluated again and a moved run directory is not."""
+    params = {**asdict(config), "model": label, "adapter": adapter_ref(adapter, run), "task": task}
     params.pop("n_resamples")                  # bootstrap only: the answers do not depend on it
+    if adapter is not None:
+        from .align import verify_adapter
+        params["adapter_hash"] = verify_adapter(adapter)
     return {**params, "hash": store.content_hash(params)}
+
+
+def adapter_ref(adapter: str | Path | None, run=None) -> str | None:
+    """``adapter`` as the reuse key and the manifests record it: relative to the run directory
+    (``models/<name>``), else its folder name when it is an absolute path elsewhere."""
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    if run is not None:
+        try:
+            return path.resolve().relative_to(Path(run.root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.name if path.is_absolute() else path.as_posix()
 
 
 def eval_items(config: EvalConfig, task) -> list[tuple[str, Any]]:
@@ -714,22 +737,32 @@ def write_eval(run, label: str, task: str, records: Sequence[dict], params: dict
 
 
 def answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks: Sequence[str],
-                 llm=None) -> list[dict]:
+                 llm=None, overwrite: bool | None = None) -> list[dict]:
     """One model (the base model, or the base model with an adapter) answers D_val and D_test of
     ``tasks`` with the Phase 1 protocol; writes ``eval/<label>/<task>.jsonl`` (cached calls, so a
     rerun or an interrupted run costs nothing twice) and returns the records. A file whose
-    manifest entry has these parameters is reused as it is. ``llm``: a ``CachedLLM`` (default:
-    the model behind the run's cache, loaded when a task needs answers)."""
+    manifest entry has these parameters is reused as it is; one made with other settings is not
+    overwritten unless ``overwrite=True`` (or ``WOW_OVERWRITE=1``); a retrained adapter (same
+    settings, new ``adapter_hash``) is evaluated again. Holds the run's writer lock. ``llm``: a
+    ``CachedLLM`` (default: the model behind the run's cache, loaded when a task needs answers)."""
+    with run.writer("evaluate", overwrite=overwrite):
+        return _answer_split(run, config, label, adapter, tasks, llm)
+
+
+def _answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks: Sequence[str],
+                  llm=None) -> list[dict]:
     from .llm.cache import CachedLLM
     from .llm.models import load_llm
     from .tasks import get_task
     records = []
     for name in tasks:
         path = run.eval(label, name)
-        params = eval_params(config, label, adapter, name)
-        if path.exists() and _manifest_params(path.parent, name) == params["hash"]:
+        params = eval_params(config, label, adapter, name, run)
+        recorded = store.manifest_params(path.parent, name)
+        if path.exists() and recorded is not None and recorded.get("hash") == params["hash"]:
             records += store.read_jsonl(path)
             continue
+        store.refuse_overwrite(path, _portable_record(recorded, run), params, ignore=("hash", "adapter_hash"))
         if llm is None:
             llm = CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
         task = get_task(name, **(config.task_options or {}).get(name, {}))
@@ -739,21 +772,26 @@ def answer_split(run, config: EvalConfig, label: str, adapter: str | None, tasks
     return records
 
 
-def _manifest_params(directory, entry: str) -> str | None:
-    path = directory / "manifest.json"
-    if not path.exists():
-        return None
-    try:
-        return store.read_json(path)["entries"][entry]["params"]["hash"]
-    except (KeyError, TypeError, ValueError):
-        return None
+def _portable_record(recorded: dict | None, run) -> dict | None:
+    """Recorded parameters as ``eval_params`` now writes them: manifests written before adapters
+    were recorded run-relative hold an absolute path, which is the same setting."""
+    if recorded is None or not recorded.get("adapter"):
+        return recorded
+    return {**recorded, "adapter": adapter_ref(recorded["adapter"], run)}
 
 
-def run_evaluation(run, config: EvalConfig, models: Sequence[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+def run_evaluation(run, config: EvalConfig, models: Sequence[Mapping[str, Any]],
+                   overwrite: bool | None = None) -> dict[str, pd.DataFrame]:
     """Evaluate the original model and every adapter of ``models`` (rows of
     ``models/summary.csv``), select each group's config on D_val, and write the eval tables
     (``eval/metrics.csv``, ``selection.csv``, ``improvements.csv``, ``table2-4``, ``controls``,
-    ``reliability.csv``, ``models.csv``). Returns them by name."""
+    ``reliability.csv``, ``models.csv``). Returns them by name. Holds the run's writer lock;
+    ``overwrite``: replace answers made with other settings (see ``answer_split``)."""
+    with run.writer("evaluate", overwrite=overwrite):
+        return _run_evaluation(run, config, models)
+
+
+def _run_evaluation(run, config: EvalConfig, models: Sequence[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
     meta_cols = ("model", "prefs", "preference", "trainer", "source", "judge", "train_task", "config",
                  "elicitation_method", "elicitation_judge", "elicitation_margin")
     train_tasks = list(dict.fromkeys(m["train_task"] for m in models)) or []

@@ -306,7 +306,7 @@ def run_evaluation_shard(run: store.Run, config, label: str, adapter: str | None
     for name in tasks:
         task = get_task(name, **(config.task_options or {}).get(name, {}))
         items = eval_items(config, task)
-        meta = _range_meta(_as_json(eval_params(config, label, adapter, name)), shard,
+        meta = _range_meta(_as_json(eval_params(config, label, adapter, name, run)), shard,
                            [[split, q.qid] for split, q in items])
         records = _completed(run.eval(label, name), shard, meta, force)
         if records is None:
