@@ -408,3 +408,37 @@ def test_committed_figures_rerender_from_the_committed_bundle(tmp_path):
     for p in committed.iterdir():
         if p.suffix in (".csv", ".md", ".pdf"):
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_a_bundle_refuses_machine_paths_naming_file_and_line(tmp_path, capsys):
+    """A bundle is committed: a report input holding an absolute path (here a training log written
+    before logs named the base model portably) is refused before anything is copied."""
+    run = store.Run(tmp_path / "run")
+    store.write_csv(run.root / "models" / "summary.csv", [{"model": "m", "base_model": "smollm2-135m"}])
+    store.write_json(run.model("m") / "train_log.json",
+                     {"base_model": "/home/alice/.cache/wowlib/models/smollm2-135m-b179c9523d0e6a0f", "history": []})
+    dest = tmp_path / "bundle"
+    with pytest.raises(report.BundleError, match=r"models/m/train_log.json:2: /home/alice/\.cache/wowlib/models/"):
+        report.write_bundle(run, dest)
+    assert not dest.exists()
+    assert report.main([str(run.root), "--bundle", str(dest)]) == 2
+    assert "machine-local absolute paths" in capsys.readouterr().err
+    store.write_json(run.model("m") / "train_log.json", {"base_model": "smollm2-135m", "history": []})
+    assert sorted(p.relative_to(dest).as_posix() for p in report.write_bundle(run, dest)) == [
+        "models/m/train_log.json", "models/summary.csv"]
+
+
+def test_committed_results_and_figures_hold_no_machine_paths():
+    """Every tracked file under results/ and figures/ (git ls-files) is free of absolute paths that
+    name a user or this machine's layout (/root/, /home/, /tmp/, /Users/, the repository, ...)."""
+    import shutil
+    if shutil.which("git") is None or not (paths.REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "-z", "results", "figures"], cwd=paths.REPO_ROOT, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    tracked = [name for name in tracked if name]
+    assert tracked, "no tracked files under results/ and figures/"
+    found = [f"{name}:{lineno}: {text}" for name in tracked if (paths.REPO_ROOT / name).is_file()
+             for lineno, text in store.absolute_paths((paths.REPO_ROOT / name).read_bytes().decode("utf-8", "replace"),
+                                                      store.local_roots())]
+    assert not found, "machine paths in committed files:\n" + "\n".join(found[:20])

@@ -1039,21 +1039,39 @@ BUNDLE_FILES = ("elicitation/*.csv", "prefs/summary.csv", "models/summary.csv", 
                 "eval/*.csv", "eval/*/*.jsonl")
 
 
+class BundleError(ValueError):
+    """A run's report inputs hold something a committed bundle must not (machine paths)."""
+
+
 def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     """Copy the report's inputs from ``run`` into ``dest`` (same layout), so that the tables and
-    figures can be re-rendered with no model and no run: ``write_report(dest, out)``."""
+    figures can be re-rendered with no model and no run: ``write_report(dest, out)``.
+
+    The files are copied byte for byte, never rewritten; a bundle is committed, so a file that
+    holds a machine-local absolute path (a user name, the machine's layout: ``store.absolute_paths``)
+    is refused (``BundleError`` naming the file, the line and the path) before anything is copied."""
     run, dest = as_run(run), Path(dest)
     if not run.root.exists():
         raise FileNotFoundError(f"no run directory {run.root}")
+    sources = [path for pattern in BUNDLE_FILES for path in sorted(run.root.glob(pattern))
+               if not any(part.startswith(".") for part in path.relative_to(run.root).parts)]   # temporary folders
+    roots = [run.root, *store.local_roots()]
+    found = [(path, lineno, text) for path in sources
+             for lineno, text in store.absolute_paths(path.read_bytes().decode("utf-8", "replace"), roots)]
+    if found:
+        shown = "; ".join(f"{path.relative_to(run.root)}:{lineno}: {text}" for path, lineno, text in found[:5])
+        more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+        raise BundleError(
+            f"{run.root}: the report inputs hold machine-local absolute paths, which a committed bundle must "
+            f"not: {shown}{more}. Training logs written before wowlib recorded portable names get them when "
+            "notebook 03 (wowlib.align.run_alignment) is rerun on this run (it does not retrain); otherwise "
+            "remove the paths from these files")
     copied = []
-    for pattern in BUNDLE_FILES:
-        for path in sorted(run.root.glob(pattern)):
-            if any(part.startswith(".") for part in path.relative_to(run.root).parts):
-                continue                      # an interrupted adapter's temporary folder
-            target = dest / path.relative_to(run.root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
-            copied.append(target)
+    for path in sources:
+        target = dest / path.relative_to(run.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        copied.append(target)
     log.info("bundle: %d files from %s -> %s", len(copied), run.root, dest)
     return copied
 
@@ -1073,7 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(write_bundle(run, args.bundle))} files copied into {args.bundle}")
         else:
             print(f"{len(write_report(run, args.out))} files written")
-    except FileNotFoundError as err:
+    except (FileNotFoundError, BundleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
