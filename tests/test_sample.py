@@ -223,3 +223,79 @@ def test_plan_keeps_prompts_that_share_a_head_together(tiny_dir: Path) -> None:
     plan = model.plan(requests)
     assert sorted(i for b in plan for i in b) == list(range(6))
     assert all(len({head_of[i] for i in batch}) == 1 for batch in plan)
+
+
+# ---------------------------------------------------------------------------- one writer, no silent overwrite
+
+SAMPLER = """
+import sys, time
+from pathlib import Path
+from wowlib import store
+from wowlib.llm.base import Completion
+from wowlib.sample import SampleConfig, run_sampling
+
+
+class Slow:
+    name = key = "stub"
+
+    def generate(self, requests, desc=""):
+        print("sampling", flush=True)
+        time.sleep(float(sys.argv[2]))
+        return [Completion(text="The answer is A.", n_tokens=4, mean_logprob=-0.5) for _ in requests]
+
+
+config = SampleConfig(generator="stub", tasks=("kc",), n_questions=2, n_samples=int(sys.argv[3]), max_new_tokens=8)
+run_sampling(store.Run(Path(sys.argv[1])), config, llm=Slow())
+"""
+
+
+def _sampler(run_dir: Path, seconds: float, n_samples: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SAMPLER, str(run_dir), str(seconds), str(n_samples)],
+                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_samplers_in_one_run_the_second_fails_naming_the_first(tmp_path: Path, data_dir: Path) -> None:
+    """Two samplers with different settings on one run directory: the second fails at once,
+    naming the first (before, both exited 0 and mixed their outputs)."""
+    first = _sampler(tmp_path, 4.0, 2)
+    assert first.stdout.readline().strip() == "sampling"
+    second = _sampler(tmp_path, 0.0, 3)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode != 0
+    assert "RunLockedError" in err and f"pid {first.pid}" in err and "stage 'sample'" in err
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    records = store.read_jsonl(tmp_path / "samples" / "stub" / "kc.jsonl")
+    assert len(records) == 2 * 2                                         # the first sampler's, unmixed
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_asked(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    from wowlib.sample import SampleConfig, run_sampling
+
+    class Stub:
+        name = key = "stub"
+        calls = 0
+
+        def generate(self, requests, desc=""):
+            Stub.calls += len(requests)
+            return [Completion(text="The answer is A.", n_tokens=4, mean_logprob=-0.5) for _ in requests]
+
+    monkeypatch.delenv(store.OVERWRITE_ENV, raising=False)
+    run = store.Run(tmp_path / "run")
+    config = SampleConfig(generator="stub", tasks=("kc",), n_questions=2, n_samples=2, max_new_tokens=8)
+    run_sampling(run, config, llm=Stub())
+    path = run.samples("stub", "kc")
+    before, calls = path.read_bytes(), Stub.calls
+    run_sampling(run, config, llm=Stub())                                # the same settings: as before
+    assert path.read_bytes() == before
+    other = SampleConfig(generator="stub", tasks=("kc",), n_questions=2, n_samples=3, max_new_tokens=8)
+    with pytest.raises(store.OverwriteError) as err:
+        run_sampling(run, other, llm=Stub())
+    assert str(path) in str(err.value) and "n_samples: 2 -> 3" in str(err.value)
+    assert "overwrite=True" in str(err.value) and "WOW_OVERWRITE=1" in str(err.value)
+    assert path.read_bytes() == before and Stub.calls == 2 * calls       # refused before any call
+    run_sampling(run, other, llm=Stub(), overwrite=True)
+    assert len(store.read_jsonl(path)) == 2 * 3
+    monkeypatch.setenv(store.OVERWRITE_ENV, "1")
+    run_sampling(run, config, llm=Stub())
+    assert path.read_bytes() == before

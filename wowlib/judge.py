@@ -233,6 +233,8 @@ def run_plan(plan: JudgePlan) -> list[dict]:
     if plan.mode == "logprob" and _is_complete(plan.path, _entry_key(plan.path), plan.params):
         log.info("%s: complete for these parameters, reusing it", plan.path)
         return store.read_jsonl(plan.path)
+    recorded = _manifest_entry(plan.path)[0].get(_entry_key(plan.path), {}).get("params")
+    store.refuse_overwrite(plan.path, recorded, plan.params, ignore=("prompts",))   # new answers: not a setting
     records = plan.judge(range(len(plan.question_ids)))
     write_judgments(plan.path, records, plan.params, plan.judge_key, plan.leftover)
     return records
@@ -478,6 +480,7 @@ def load_judgments(run: store.Run, kind: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------- the stage
 
+@store.stage_writer("judge")
 def run_judging(run: store.Run, generators: Sequence[str], judges: Sequence[str], tasks: Sequence[str],
                 pairwise_modes: Sequence[str] = ("logprob", "text"), score_modes: Sequence[str] = ("text",),
                 caps: Mapping[str, int | None] | None = None, seed: int = 0,

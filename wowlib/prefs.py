@@ -334,9 +334,15 @@ def run_records(run: store.Run, spec: PrefSpec, base_model: str) -> tuple[dict, 
     return samples, judgments
 
 
+@store.stage_writer("prefs")
 def build_sets(run: store.Run, specs: Sequence[PrefSpec], base_model: str) -> list[dict[str, Any]]:
     """Build and write every preference dataset of ``specs`` (``prefs/<name>.jsonl`` +
-    ``.stats.json``) and ``prefs/summary.csv``; returns one summary row per set."""
+    ``.stats.json``) and ``prefs/summary.csv``; returns one summary row per set. Holds the run's
+    writer lock; a set built from another spec is not overwritten unless ``overwrite=True``."""
+    for spec in specs:                    # refused before any work: the spec recorded in .stats.json
+        stats = run.prefs(spec.name).with_suffix(".stats.json")
+        store.refuse_overwrite(run.prefs(spec.name), store.read_json(stats).get("spec") if stats.exists() else None,
+                               spec.__dict__)
     rows = []
     for spec in specs:
         data, stats = build(spec, *run_records(run, spec, base_model))

@@ -116,9 +116,15 @@ def grade(task: Task, q: Question, sample_idx: int, order: list[int] | None, req
     return record
 
 
+@store.stage_writer("sample")
 def run_sampling(run: store.Run, config: SampleConfig, llm=None) -> list[dict]:
     """Phase 1 for every task of ``config``: writes samples/<generator>/<task>.jsonl and a
-    manifest; returns one summary row per task."""
+    manifest; returns one summary row per task. Holds the run's writer lock; samples made with
+    other settings are not overwritten unless ``overwrite=True`` (``store.refuse_overwrite``)."""
+    for name in config.tasks:             # refused before any work: the manifest entry written below
+        target = run.samples(config.generator, name)
+        store.refuse_overwrite(target, store.manifest_params(target.parent, name),
+                               {**asdict(config), "tasks": [name], "task_options": config.task_options.get(name, {})})
     from .llm.cache import CachedLLM
     from .llm.models import load_llm
     llm = llm if llm is not None else CachedLLM(load_llm(config.generator), run.root / "cache")   # an empty CachedLLM is falsy
