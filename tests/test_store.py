@@ -8,7 +8,6 @@ repair that cut another process's append in flight.
 """
 from __future__ import annotations
 
-import fcntl
 import inspect
 import json
 import logging
