@@ -7,12 +7,14 @@ options), how it extracts the final answer (a second user turn + a regex), and h
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import random
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,28 +43,120 @@ def missing_file(path: Path, data_dir: Path, what: str, source: str) -> FileNotF
 
 
 # ---------------------------------------------------------------------------- reading files
+#
+# Every reader names the file (and the line, row or item) in its errors and no reader accepts an
+# empty result: an empty file, a CSV header without rows, a parquet file without rows is a
+# DataError saying what was expected. Text files are UTF-8; a leading byte-order mark is dropped
+# (editors on Windows write one, and the CSV module would glue it to the first column's name); any
+# other byte that is not UTF-8 is a DataError naming its line.
 
-def read_json(path: Path) -> Any:
+def read_text(path: Path, expected: str) -> str:
+    """The text of ``path`` (UTF-8, a leading BOM dropped). A byte that is not UTF-8, or a file
+    with nothing but whitespace, is a DataError naming the file and ``expected`` (what it should
+    hold)."""
+    data = Path(path).read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                        f"{err.start}); expected {expected}, in UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected {expected}")
+    return text
+
+
+def _loads(text: str, path: Path, expected: str, lineno: int | None = None) -> Any:
+    """``json.loads`` with every failure a DataError naming the file and line (``lineno``: the
+    line of a JSONL record; otherwise the line the decoder reports)."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+        line = err.lineno if lineno is None else lineno
+        raise DataError(f"{path}: line {line} column {err.colno}: invalid JSON ({err.msg}); "
+                        f"expected {expected}") from None
+    except (ValueError, RecursionError) as err:     # a 5,000-digit integer, "[[[[..." nested too deep
+        where = f"{path}: line {lineno}" if lineno is not None else f"{path}"
+        raise DataError(f"{where}: unreadable JSON ({type(err).__name__}: {err!s:.100}); "
+                        f"expected {expected}") from None
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for every non-blank line; a bad line is a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+def read_json(path: Path, expected: str = "a JSON document") -> Any:
+    """The JSON document in ``path``; invalid JSON is a DataError naming the file and line."""
+    return _loads(read_text(path, expected), path, expected)
+
+
+def read_jsonl(path: Path, expected: str = "one JSON object per line") -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for every non-blank line; a bad line is a DataError naming the
+    file and line, and so is a file without any record."""
+    text = read_text(path, expected)
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        record = _loads(line, path, expected, lineno)
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def read_csv(path: Path, columns: Iterable[str], expected: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield (line number, {column: text}) for every data row of a CSV file with a header row
+    (the row's first line, when a quoted field spans lines).
+
+    The header must name every one of ``columns`` (a BOM before it is dropped, see ``read_text``);
+    every row must have as many fields as the header: a short row (which ``csv.DictReader`` pads
+    with None) or a long one is a DataError naming its line. Blank lines are skipped. A file with a
+    header and no rows is a DataError; ``expected`` says what the rows should be."""
+    columns = list(columns)
+    text = read_text(path, f"a CSV file with a header row naming {columns}")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    n_rows, first = 0, 1
+
+    def lines() -> str:         # the lines of the last row read (a quoted field may span lines)
+        return f"line {first}" if first >= reader.line_num else f"lines {first}-{reader.line_num}"
+
+    try:
+        header = next(row for row in reader if row)      # the text is not blank: a row exists
+        if missing := [c for c in columns if c not in header]:
+            raise DataError(f"{path}: line {reader.line_num}: missing columns {missing} in the header "
+                            f"{header!r:.200}")
+        first = reader.line_num + 1
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(f"{path}: {lines()}: {len(row)} fields, expected {len(header)} "
+                                f"(the header's columns)")
+            if row:
+                n_rows += 1
+                yield first, dict(zip(header, row))
+            first = reader.line_num + 1
+    except csv.Error as err:
+        raise DataError(f"{path}: {lines()}: malformed CSV ({err})") from None
+    if n_rows == 0:
+        raise DataError(f"{path}: a header and no data rows; expected {expected}")
+
+
+def read_parquet(path: Path, columns: Iterable[str], expected: str):
+    """The parquet file as a pandas DataFrame holding ``columns``; an unreadable file, a missing
+    column or a file without rows is a DataError naming the file."""
+    import pandas as pd
+    import pyarrow
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as err:   # ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({err!s:.200}); expected {expected}") from None
+    if missing := sorted(set(columns) - set(frame.columns)):
+        raise DataError(f"{path}: missing columns {missing} (columns present: {sorted(map(str, frame.columns))})")
+    if len(frame) == 0:
+        raise DataError(f"{path}: 0 rows; expected {expected}")
+    return frame
+
+
+def require_items(items: list, path: Path, expected: str) -> list:
+    """``items`` unless empty: a loader that finds no usable item raises a DataError naming the
+    file and what it expected (an empty task would only fail later, far from its cause)."""
+    if not items:
+        raise DataError(f"{path}: 0 items loaded; expected {expected}")
+    return items
 
 
 def field_of(record: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:

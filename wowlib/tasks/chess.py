@@ -11,7 +11,6 @@ deterministic with one engine thread) or ``time`` seconds (the paper: 2.0).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from .. import paths
-from .base import LETTERS, DataError, MultipleChoiceTask, Question, mc_question
+from .base import LETTERS, DataError, MultipleChoiceTask, Question, mc_question, read_csv, require_items
 from .registry import register
 
 SOURCE = ("Lichess puzzle database (CC0), database.lichess.org/#puzzles; the CSV columns PuzzleId, FEN, "
@@ -65,31 +64,36 @@ class ChessPuzzles(MultipleChoiceTask):
     def _load(self) -> list[Question]:
         import chess
         path = self.path("chess/lichess_db_puzzle.csv")
-        items = []
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"PuzzleId", "FEN", "Moves", "Rating"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataError(f"{path}: missing columns {sorted(missing)}")
-            for row_no, row in enumerate(reader, start=2):
-                where = f"{path}: line {row_no}"
-                try:
-                    rating = int(row["Rating"])
-                    board = chess.Board(row["FEN"])
-                except ValueError as err:
-                    raise DataError(f"{where}: bad Rating or FEN ({err})") from None
-                moves = row["Moves"].split()
-                if not (600 < rating < 1000 and len(moves) > 2):
-                    continue
-                try:
-                    board.push_uci(moves[0])
-                    solution = board.san(chess.Move.from_uci(moves[1]))
-                except ValueError as err:
-                    raise DataError(f"{where}: illegal puzzle move ({err})") from None
-                items.append(Question(task=self.name, qid=row["PuzzleId"],
-                                      query=f"Instruction: {INSTRUCTION}\nFEN: {board.fen()}",
-                                      meta={"fen": board.fen(), "solution": solution, "rating": rating}))
-        return items
+        items, n_rows = [], 0
+        for line, row in read_csv(path, ("PuzzleId", "FEN", "Moves", "Rating"), "lichess puzzles, one per row"):
+            n_rows += 1
+            where = f"{path}: line {line}"
+            if not row["PuzzleId"].strip():
+                raise DataError(f"{where}: empty PuzzleId")
+            try:
+                rating = int(row["Rating"])
+                board = chess.Board(row["FEN"])
+            except ValueError as err:
+                raise DataError(f"{where}: bad Rating or FEN ({err}); expected an integer Rating and "
+                                "a FEN position") from None
+            moves = row["Moves"].split()
+            if not (600 < rating < 1000 and len(moves) > 2):
+                continue
+            if not board.is_valid():             # Stockfish may crash on an impossible position
+                raise DataError(f"{where}: FEN {row['FEN']!r} is not a valid position ({board.status()!r})")
+            try:
+                board.push_uci(moves[0])
+                move = chess.Move.from_uci(moves[1])
+                if not board.is_legal(move):
+                    raise ValueError(f"{moves[1]} is not legal after {moves[0]}")
+                solution = board.san(move)
+            except ValueError as err:
+                raise DataError(f"{where}: illegal puzzle move ({err})") from None
+            items.append(Question(task=self.name, qid=row["PuzzleId"],
+                                  query=f"Instruction: {INSTRUCTION}\nFEN: {board.fen()}",
+                                  meta={"fen": board.fen(), "solution": solution, "rating": rating}))
+        return require_items(items, path, f"puzzles rated strictly between 600 and 1000 with more than two "
+                                          f"moves (the paper's filter); none among the {n_rows} rows")
 
     def format_options(self, q: Question, order: list[int]) -> str:
         return "".join(f"{LETTERS[i]}. {q.options[j]} " for i, j in enumerate(order)) + "\n"

@@ -15,6 +15,7 @@ from .base import (
     field_of,
     mc_question,
     read_jsonl,
+    require_items,
     stable_seed,
 )
 from .registry import register
@@ -41,14 +42,16 @@ class KnowledgeCrosswords(MultipleChoiceTask):
 
     def _load(self) -> list[Question]:
         path = self.path(f"knowledge_crosswords/{self.variant}.jsonl")
-        items = []
-        for lineno, rec in read_jsonl(path):
+        items, n_records = [], 0
+        for lineno, rec in read_jsonl(path, "one Knowledge Crosswords item (a JSON object) per line"):
+            n_records += 1
             where = f"{path}: line {lineno}"
             blanks = field_of(rec, "blanks", list, where)
             if len(blanks) != 3:
                 continue                       # the paper keeps three-blank items only
             items.append(self._question(rec, where))
-        return items
+        return require_items(items, path, f"items with exactly 3 blanks (the paper's); none among the "
+                                          f"{n_records} records of the file")
 
     def _question(self, rec: dict, where: str) -> Question:
         item_id = field_of(rec, "id", (str, int), where)
@@ -59,11 +62,14 @@ class KnowledgeCrosswords(MultipleChoiceTask):
         answers = field_of(rec, "answer_all", list, where)
         if not len(sources) == len(relations) == len(targets):
             raise DataError(f"{where}: source/relation/target lists differ in length")
-        if sorted(field_of(rec, "blanks", list, where)) != list(BLANKS) or len(answers) != 3:
-            raise DataError(f"{where}: expected blanks {list(BLANKS)} and 3 answers, got {rec['blanks']}, {answers}")
+        blanks = field_of(rec, "blanks", list, where)
+        if (not all(isinstance(b, str) for b in blanks) or sorted(blanks) != list(BLANKS)
+                or len(answers) != 3):
+            raise DataError(f"{where}: expected blanks {list(BLANKS)} and 3 answers, got {blanks!r:.120}, "
+                            f"{answers!r:.120}")
         for blank, answer in zip(BLANKS, answers):
             cands = candidates.get(blank)
-            if not isinstance(cands, list) or answer not in cands or len(cands) < 2:
+            if not isinstance(cands, list) or answer not in cands or all(c == answer for c in cands):
                 raise DataError(f"{where}: candidates of {blank!r} must be a list holding the answer "
                                 f"{answer!r} and at least one wrong filler, got {cands!r}")
         rng = random.Random(stable_seed("kc", self.variant, item_id))

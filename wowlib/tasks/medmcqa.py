@@ -14,6 +14,7 @@ from .base import (
     field_of,
     mc_question,
     read_jsonl,
+    require_items,
 )
 from .registry import register
 
@@ -31,7 +32,7 @@ class MedMCQA(MultipleChoiceTask):
     def _load(self) -> list[Question]:
         path = self.path("medmcqa/dev.json")
         items = []
-        for lineno, rec in read_jsonl(path):
+        for lineno, rec in read_jsonl(path, "one MedMCQA question (a JSON object) per line"):
             where = f"{path}: line {lineno}"
             options = [field_of(rec, key, str, where) for key in ("opa", "opb", "opc", "opd")]
             cop = field_of(rec, "cop", int, where)
@@ -42,4 +43,4 @@ class MedMCQA(MultipleChoiceTask):
             items.append(mc_question(self.name, str(field_of(rec, "id", str, where)),
                                      f"Question: {question}", options, proxies, cop - 1, where,
                                      meta={"subject": rec.get("subject_name")}))
-        return items
+        return require_items(items, path, "MedMCQA questions, one JSON object per line")

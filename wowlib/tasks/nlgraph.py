@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import networkx as nx
 
-from .base import DataError, Question, Task, field_of, parse_number, read_json
+from .base import DataError, Question, Task, field_of, parse_number, read_json, require_items
 from .registry import register
 
 SOURCE = "NLGraph, github.com/Arthur-Heng/NLGraph, NLGraph/<task>/main.json (MIT)"
@@ -83,7 +83,7 @@ class NLGraphTask(Task):
         path = Path(self.file) if Path(self.file).is_absolute() else self.path(self.file)
         if not path.exists():
             raise FileNotFoundError(f"task {self.name}: file not found: {path}")
-        raw = read_json(path)
+        raw = read_json(path, "a JSON object of NLGraph items keyed by id")
         if not isinstance(raw, dict):
             raise DataError(f"{path}: expected a JSON object of items keyed by id, got {type(raw).__name__}")
         items = []
@@ -100,14 +100,18 @@ class NLGraphTask(Task):
                 raise DataError(f"{where}: no gold answer in {answer!r:.120} (pattern {self.gold_pattern.pattern!r})")
             gold = int(match.group(1))
             graph = self.parse_graph(question, where)
-            recomputed = self.solve(graph)
+            try:
+                recomputed = self.solve(graph)
+            except nx.NetworkXException as err:     # a node of the question missing from the graph, ...
+                raise DataError(f"{where}: networkx cannot solve the item's graph ({type(err).__name__}: "
+                                f"{err!s:.120})") from None
             if recomputed != gold:
                 raise DataError(f"{where}: gold answer {gold} in the file, but networkx computes {recomputed}")
             items.append(Question(
                 task=self.name, qid=f"{self.name}-{key}",
                 query="Question: " + question[:-3] + self.query_suffix, gold=gold,
                 meta={"difficulty": rec.get("difficulty"), "graph": graph}))
-        return items
+        return require_items(items, path, "a JSON object of NLGraph items keyed by id, got an empty object")
 
     # -- per task
     def parse_graph(self, question: str, where: str) -> Graph:
@@ -208,6 +212,9 @@ class Matching(NLGraphTask):
         if not head or not pairs:
             raise DataError(f"{where}: expected 'There are N job applicants ... and M jobs' and "
                             "'Applicant i is interested in job j.' lines")
+        if len(pairs) != question.count(" is interested in job"):
+            raise DataError(f"{where}: parsed {len(pairs)} of {question.count(' is interested in job')} "
+                            "'Applicant i is interested in job j' lines")
         n_applicants, n_jobs = int(head.group(1)), int(head.group(2))
         edges = tuple((int(a), int(j), 1) for a, j in pairs)
         if any(a >= n_applicants or j >= n_jobs for a, j, _ in edges):

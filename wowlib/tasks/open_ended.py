@@ -12,7 +12,6 @@ loader reads the original CSV so users who have it can sample and judge; proxies
 from __future__ import annotations
 
 import ast
-import csv
 from collections.abc import Callable
 
 from .base import (
@@ -22,7 +21,9 @@ from .base import (
     Question,
     Task,
     field_of,
+    read_csv,
     read_jsonl,
+    require_items,
 )
 from .registry import register
 
@@ -46,12 +47,13 @@ class BioGeneration(Task):
     def _load(self) -> list[Question]:
         path = self.path("biogeneration/GPT-4.jsonl")
         items = []
-        for lineno, rec in read_jsonl(path):
+        for lineno, rec in read_jsonl(path, "one FActScore prompt (a JSON object with 'topic' and 'input') "
+                                            "per line"):
             where = f"{path}: line {lineno}"
             topic = field_of(rec, "topic", str, where)
             items.append(Question(task=self.name, qid=topic, query=field_of(rec, "input", str, where),
                                   meta={"topic": topic}))
-        return items
+        return require_items(items, path, "FActScore prompts, one JSON object per line")
 
     @property
     def has_proxy(self) -> bool:
@@ -100,31 +102,32 @@ class COM2(MultipleChoiceTask):
 
     def _load(self) -> list[Question]:
         path = self.path(self.file)
-        items = []
-        with open(path, encoding="utf-8", newline="") as f:
-            for row_no, row in enumerate(csv.DictReader(f), start=2):
-                where = f"{path}: line {row_no}"
-                for key in ("question", "context", "options", "label", "type"):
-                    if key not in row:
-                        raise DataError(f"{where}: missing column {key!r}")
-                try:
-                    label = int(row["label"])
-                    options = ast.literal_eval(row["options"])   # a Python list literal; never eval
-                except (ValueError, SyntaxError):
-                    raise DataError(f"{where}: 'label' must be an int and 'options' a list literal") from None
-                if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                    raise DataError(f"{where}: 'options' must be a list of strings")
-                # The paper keeps multi-hop (2i/3i) items whose answer is not "none of the above".
-                if label == 4 or not ("2i" in row["type"] or "3i" in row["type"]):
-                    continue
-                options = options[:-1]
-                if not 0 <= label < len(options):
-                    raise DataError(f"{where}: label {label} outside the {len(options)} options")
-                items.append(Question(
-                    task=self.name, qid=f"com2-{row_no}", gold=label, options=tuple(options),
-                    option_proxies=(),
-                    query=f"{self.instruction}\nContext: {row['context']}\nQuestion: {row['question']}"))
-        return items
+        items, n_rows = [], 0
+        rows = read_csv(path, ("question", "context", "options", "label", "type"), "COM2 items, one per row")
+        for line, row in rows:
+            n_rows += 1
+            row_no = n_rows + 1        # the question id counts data rows from 2, as it always has;
+            where = f"{path}: line {line}"   # ``line`` differs when a quoted field spans lines
+            try:
+                label = int(row["label"])
+                options = ast.literal_eval(row["options"])   # a Python list literal; never eval
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                raise DataError(f"{where}: 'label' must be an int and 'options' a list literal") from None
+            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+                raise DataError(f"{where}: 'options' must be a list of strings")
+            # The paper keeps multi-hop (2i/3i) items whose answer is not "none of the above".
+            if label == 4 or not ("2i" in row["type"] or "3i" in row["type"]):
+                continue
+            options = options[:-1]
+            if not 0 <= label < len(options):
+                raise DataError(f"{where}: label {label} outside the {len(options)} options")
+            items.append(Question(
+                task=self.name, qid=f"com2-{row_no}", gold=label, options=tuple(options),
+                option_proxies=(),
+                query=f"{self.instruction}\nContext: {row['context']}\nQuestion: {row['question']}"))
+        return require_items(items, path, f"multi-hop (type 2i/3i) items whose answer is not 'none of the "
+                                          f"above' (label 4), the paper's COM2 items; none among the "
+                                          f"{n_rows} rows")
 
     @property
     def has_proxy(self) -> bool:

@@ -6,9 +6,10 @@ preferences only.
 """
 from __future__ import annotations
 
+import math
 import re
 
-from .base import NUMBER, DataError, Question, Task, field_of, parse_number, read_json
+from .base import NUMBER, DataError, Question, Task, field_of, parse_number, read_json, require_items
 from .registry import register
 
 SOURCE = "SciBench, github.com/mandyyyyii/scibench, dataset/original/*.json (MIT)"
@@ -34,9 +35,10 @@ class SciBench(Task):
         items = []
         for book in BOOKS:
             path = self.path(f"scibench/{book}.json")
-            records = read_json(path)
+            records = read_json(path, "a JSON list of problems")
             if not isinstance(records, list):
                 raise DataError(f"{path}: expected a JSON list of problems, got {type(records).__name__}")
+            require_items(records, path, "SciBench problems (a non-empty JSON list)")
             for i, rec in enumerate(records):
                 where = f"{path}: item {i}"
                 if not isinstance(rec, dict):
@@ -48,6 +50,8 @@ class SciBench(Task):
                     gold = float(raw.replace(",", "").replace("\u2212", "-"))
                 except ValueError:
                     raise DataError(f"{where}: answer_number {raw!r} is not a number") from None
+                if not math.isfinite(gold):     # inf would make every answer correct, nan none
+                    raise DataError(f"{where}: answer_number {raw!r} is not a finite number")
                 pid = field_of(rec, "problemid", str, where).strip()
                 items.append(Question(
                     task=self.name, qid=f"{book}-{i}-{pid}", gold=gold,

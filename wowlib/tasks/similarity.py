@@ -3,8 +3,10 @@ proxy, with a local embedding model) and HellaSwag (our stand-in for the unavail
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
-from .base import LETTERS, DataError, MultipleChoiceTask, Question, field_of, read_json
+from .base import LETTERS, DataError, MultipleChoiceTask, Question, field_of, read_json, read_parquet, require_items
 from .embeddings import ProxyCache, similarities_to_gold
 from .registry import register
 
@@ -16,6 +18,17 @@ MMLU_SUBJECTS = (
     "moral_disputes", "philosophy", "prehistory", "professional_law", "professional_medicine",
     "security_studies", "sociology", "world_religions",
 )
+
+
+def _index(value, where: str) -> int:
+    """An option index from a parquet cell: an integer, or a float holding one (a column with a
+    missing value is read as floats); NaN, a fraction, a bool or text is a DataError."""
+    import numpy as np
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise DataError(f"{where}: answer_index should be an integer, got {type(value).__name__} {value!r:.40}")
+    if not math.isfinite(value) or not float(value).is_integer():
+        raise DataError(f"{where}: answer_index should be an integer, got {value!r:.40}")
+    return int(value)
 
 
 class SimilarityTask(MultipleChoiceTask):
@@ -35,7 +48,7 @@ class SimilarityTask(MultipleChoiceTask):
     def is_correct(self, q: Question, answer) -> bool:
         return answer is not None and int(answer) == q.gold
 
-    def _check(self, options: list, gold: int, where: str) -> None:
+    def _check(self, options: Sequence, gold: int, where: str) -> None:
         if not 2 <= len(options) <= len(LETTERS) or not all(isinstance(o, str) for o in options):
             raise DataError(f"{where}: expected 2..26 option strings, got {options!r:.120}")
         if not 0 <= gold < len(options):
@@ -51,25 +64,35 @@ class MMLUPro(SimilarityTask):
     domain = "knowledge"
 
     def _load(self) -> list[Question]:
-        import pandas as pd
+        import numpy as np
         path = self.path(self.data_file)
-        try:
-            frame = pd.read_parquet(path)
-        except (OSError, ValueError) as err:          # pyarrow's ArrowInvalid is a ValueError
-            raise DataError(f"{path}: not a readable parquet file ({err})") from None
-        missing = {"question_id", "question", "options", "answer_index", "src"} - set(frame.columns)
-        if missing:
-            raise DataError(f"{path}: missing columns {sorted(missing)}")
+        frame = read_parquet(path, ("question_id", "question", "options", "answer_index", "src"),
+                             "MMLU-Pro questions (one per row)")
         keep = frame[frame["src"].isin([f"ori_mmlu-{s}" for s in MMLU_SUBJECTS])]
         items = []
         for row_no, row in keep.iterrows():
-            where = f"{path}: row {row_no} (question_id {row['question_id']})"
-            options = [str(o) for o in row["options"]]
-            gold = int(row["answer_index"])
+            qid = row["question_id"]
+            where = f"{path}: row {row_no} (question_id {qid!r})"
+            if not isinstance(qid, (str, int, np.integer)) or isinstance(qid, bool) or qid == "":
+                raise DataError(f"{where}: question_id should be an integer or a string")
+            if not isinstance(row["question"], str) or not row["question"].strip():
+                raise DataError(f"{where}: question should be a non-empty string, got {row['question']!r:.80}")
+            options = row["options"]
+            if not isinstance(options, (list, tuple, np.ndarray)) or getattr(options, "ndim", 1) != 1:
+                raise DataError(f"{where}: options should be a list of strings, got {type(options).__name__} "
+                                f"{options!r:.80}")
+            options = list(options)
+            gold = _index(row["answer_index"], where)
             self._check(options, gold, where)
-            items.append(Question(task=self.name, qid=str(row["question_id"]), gold=gold,
+            items.append(Question(task=self.name, qid=str(qid), gold=gold,
                                   query=f"Question: {row['question']}", options=tuple(options),
                                   meta={"subject": row["src"].removeprefix("ori_mmlu-")}))
+        if not items:
+            seen = sorted({str(v) for v in frame["src"].unique()})
+            shown = ", ".join(seen[:12]) + (f", ... ({len(seen)} distinct)" if len(seen) > 12 else "")
+            raise DataError(f"{path}: 0 items in the paper's {len(MMLU_SUBJECTS)} subjects (src values "
+                            f"'ori_mmlu-<subject>', e.g. 'ori_mmlu-{MMLU_SUBJECTS[0]}') among its "
+                            f"{len(frame)} rows; src values seen: {shown}")
         return items
 
 
@@ -84,7 +107,7 @@ class HellaSwag(SimilarityTask):
 
     def _load(self) -> list[Question]:
         path = self.path(self.data_file)
-        raw = read_json(path)
+        raw = read_json(path, "an object with 'dev' and 'test' lists of HellaSwag items")
         if not isinstance(raw, dict) or not all(isinstance(raw.get(k), list) for k in ("dev", "test")):
             raise DataError(f"{path}: expected an object with 'dev' and 'test' lists")
         items = []
@@ -104,7 +127,7 @@ class HellaSwag(SimilarityTask):
                     task=self.name, qid=f"{part}-{i}", gold=letters.index(answer), options=tuple(options),
                     query=("Instruction: Pick the correct completion for given context.\n"
                            f"Context: {field_of(rec, 'question', str, where)}")))
-        return items
+        return require_items(items, path, "HellaSwag items in the 'dev' and 'test' lists (both are empty)")
 
     def format_options(self, q: Question, order: list[int]) -> str:
         return "".join(f'{LETTERS[i]}. "{q.options[j]}"\n' for i, j in enumerate(order))
