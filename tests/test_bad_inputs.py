@@ -5,7 +5,8 @@ gets a synthetic one), breaks it in one way and points the task at the copy (``d
 broken file must give a DataError (FileNotFoundError when the file is missing) whose message names
 the file; some cases also check that the message names the line or item and what was expected.
 A few cases are NOT errors and say so (``ACCEPTED``): a UTF-8 byte-order mark is dropped, so the
-copy with a BOM loads exactly what the copy without one loads.
+copy with a BOM loads exactly what the copy without one loads. The last test covers a task whose
+requested train/val/test split comes out empty.
 """
 from __future__ import annotations
 
@@ -589,3 +590,21 @@ def test_com2_bad_input(tmp_path, case):
     items = check(lambda: COM2(data_dir=tmp_path), path, case)
     if items is not None:
         assert [q.gold for q in items] == [0, 2]
+
+
+# ---------------------------------------------------------------------------- empty splits
+
+def test_an_empty_split_names_the_task_the_items_and_the_split_sizes(data_dir, tmp_path):
+    """Three items split 8:1:1 leave the val split empty: asking for it says so (the other
+    splits still work, and iterating over the splits shows the empty one)."""
+    copy_lines(data_dir / KC_FILE, tmp_path / KC_FILE, KC_FIRST_THREE_BLANKS + 2)
+    task = KnowledgeCrosswords(data_dir=tmp_path)
+    assert len(task.load()) == 3
+    assert len(task.questions("train")) == 2 and len(task.questions("test")) == 1
+    assert {name: len(qs) for name, qs in task.splits().items()} == {"train": 2, "val": 0, "test": 1}
+    for ask in (lambda: task.questions("val"), lambda: task.questions("val", 5), lambda: task.splits()["val"]):
+        with pytest.raises(DataError) as err:
+            ask()
+        message = str(err.value)
+        assert "task kc" in message and "'val' split is empty" in message
+        assert "3 items loaded" in message and "train 2, val 0, test 1" in message

@@ -252,6 +252,25 @@ def parse_number(text: str, pattern: re.Pattern | None = None) -> float | None:
 
 # ---------------------------------------------------------------------------- tasks
 
+class Splits(dict):
+    """{split: questions} of a task. Looking up a split that is empty raises a DataError naming the
+    task, the number of items and the size of every split, instead of handing an empty list to a
+    stage that would fail far from the cause (or silently do nothing); iterating over the splits
+    (``items()``, ``values()``) shows them as they are."""
+
+    def __init__(self, parts: dict[str, list[Question]], task: str, n_items: int) -> None:
+        super().__init__(parts)
+        self.task, self.n_items = task, n_items
+
+    def __getitem__(self, split: str) -> list[Question]:
+        questions = super().__getitem__(split)
+        if not questions:
+            sizes = ", ".join(f"{name} {len(qs)}" for name, qs in self.items())
+            raise DataError(f"task {self.task}: the {split!r} split is empty ({self.n_items} items loaded -> "
+                            f"{sizes}); the data has too few items for a {split} split")
+        return questions
+
+
 class Task:
     """Base class. Subclasses set the class attributes and implement ``_load``."""
 
@@ -296,15 +315,17 @@ class Task:
             self._items = items
         return self._items
 
-    def splits(self) -> dict[str, list[Question]]:
+    def splits(self) -> Splits:
         """Sample up to ``n_questions`` with ``split_seed``, then cut train/val/test 8:1:1.
-        Deterministic; a smaller profile takes a prefix of each split, so it is a subset."""
+        Deterministic; a smaller profile takes a prefix of each split, so it is a subset.
+        Asking for a split that came out empty (a file of 7 items has no test split) is a
+        DataError naming the task, its item count and every split's size (``Splits``)."""
         items = self.load()
         chosen = random.Random(self.split_seed).sample(items, min(self.n_questions, len(items)))
         n_train = round(len(chosen) * self.split_ratio[0])
         n_val = round(len(chosen) * self.split_ratio[1])
-        return {"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val],
-                "test": chosen[n_train + n_val:]}
+        return Splits({"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val],
+                       "test": chosen[n_train + n_val:]}, task=self.name, n_items=len(items))
 
     def questions(self, split: str, n: int | None = None) -> list[Question]:
         """The first ``n`` questions of ``split`` (all if None), ready to ask and grade."""
