@@ -175,7 +175,7 @@ def test_judge_scores_with_tiny_model(tiny, tmp_path, data_dir):
     assert store.read_jsonl(path) == records and len(records) == 1
     [r] = records
     assert len(r["samples"]) == 5 and len(set(r["samples"])) == 5 and 1 not in r["samples"]   # 1: unparsed
-    assert r["status"] in ("ok", "missing", "extra", "out_of_range")
+    assert r["status"] in ("ok", "missing", "extra", "out_of_range", "ambiguous", "duplicate", "mislabeled")
     assert (r["scores"] is not None) == (r["status"] == "ok")
     manifest = store.read_json(path.parent / "manifest.json")
     assert manifest["params"]["kc.score"]["stats"]["leftover_unscored"] == 1

@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -81,39 +82,166 @@ def question_index(task: Task, samples: Sequence[dict]) -> dict[str, Question]:
 
 
 # ---------------------------------------------------------------------------- parsers
+#
+# The two text-mode parsers read a judge's reply with an explicit status and never guess: a reply
+# that names two verdicts, or scores a response twice, is unparsed with the reason, not graded.
+# They run in linear time on any input (a judge reply is untrusted text): every pattern below has
+# bounded quantifiers or is a single character class with nothing after it, the text after a label
+# is read from a window of at most CLAUSE_CHARS characters on its line, and the pairwise verdict is
+# read once, after the last label. Both parsers NFKC-normalise the reply first, so full-width
+# digits and colons ("Score：４") read as ASCII; a digit of another script is no number.
 
-_VERDICT = re.compile(r"preferred\s+output\s*\**\s*:\s*\**\s*(?:output\s*)?(\d+)(\s*(?:or|/|and)\s*\d+)?",
-                      re.IGNORECASE)
-_SCORE = re.compile(r"score\s*\**\s*:\s*\**\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
+_VERDICT = re.compile(r"\bpreferred\s{1,10}output[\s*_]{0,10}:", re.IGNORECASE)     # the verdict label
+_SCORE = re.compile(r"\bscore[\s*_]{0,10}:", re.IGNORECASE)                         # a score label
+# "Response k" heading a line ("Response 3:", "**Response 3**:", "### Response 3", "Response 3 -
+# Score: 4"); "Response 1 is better" in prose is no heading.
+_RESPONSE = re.compile(r"^[ \t>#*_-]{0,20}response[ \t]{0,5}#?(\d{1,3})"
+                       r"(?=[ \t*_)\]]{0,10}(?:[:.\-\u2013\u2014]|score|$))",
+                       re.IGNORECASE | re.MULTILINE | re.ASCII)
+_SKIP = re.compile(r"[\s*_`'\"(\[]*")             # whitespace and markup between a label and its value
+_OUTPUT_WORD = re.compile(r"output[\s*_#]{0,10}", re.IGNORECASE)
+_VERDICT_NUMBER = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
+_SCORE_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?", re.ASCII)
+_OUT_OF = re.compile(r"[ \t]{0,5}(?:/|out[ \t]{1,5}of)[ \t]{0,5}(\d+(?:\.\d+)?)", re.IGNORECASE | re.ASCII)
+# A sentence break ends a verdict or score clause, unless a number follows it ("1. 2", "1 (2)").
+_BREAK = re.compile(r"[.!?;(\[](?![\s*_]{0,10}\d)")
+_ECHO = re.compile(r"[\s*_'\"`]{0,10}or[\s*_'\"`]{1,10}2[\s*_'\"`.)]{0,10}", re.IGNORECASE)   # the template's "1 or 2"
+CLAUSE_CHARS = 200
+
+
+def _reply_text(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _clause(text: str, start: int) -> str:
+    """The text from ``start`` to the end of its line, at most CLAUSE_CHARS characters."""
+    end = text.find("\n", start, start + CLAUSE_CHARS)
+    return text[start:end] if end >= 0 else text[start:start + CLAUSE_CHARS]
+
+
+def _names_another_number(rest: str) -> bool:
+    """Whether ``rest`` (what follows a verdict or score on its line) names another number before
+    its first sentence break: "1, 2", "1 & 2", "2, then 1", "3-4", "3 or 4" do; "2. (Output 2 is
+    closer)" and "4 (out of 5)" do not."""
+    cut = _BREAK.search(rest)
+    head = rest[:cut.start()] if cut else rest
+    return any(ch.isdigit() for ch in head)
 
 
 def parse_pairwise(text: str | None) -> tuple[int | None, str]:
-    """(verdict 1|2, "ok"), or (None, "missing") with no "Preferred output: n", or (None,
-    "invalid") when the last one names anything but 1 or 2 (e.g. 3, or the echo "1 or 2").
-    Markdown bold is allowed around the label and the number; the LAST occurrence wins (the
-    template asks for the verdict in the last line; reasoning may quote the label before)."""
-    matches = list(_VERDICT.finditer(text or ""))
-    if not matches:
+    """(verdict 1|2, "ok") from the reply's LAST "Preferred output:" label (the template asks for
+    the verdict in the last line; reasoning may quote the label before it), else (None, status).
+
+    Accepted: markdown bold or quotes around the label and the number ("**Preferred output:**
+    **1**"), the word "Output" ("Preferred output: Output 2"), the number on the next line, and
+    an explanation after a sentence break ("2. (Output 2 gets more blanks right.)").
+    Statuses:
+    - "missing": no "Preferred output:" label, or nothing after the last one (a reply cut off);
+    - "invalid": the last label is followed by no number ("Output A", "neither"), by a number
+      other than 1 and 2 (3, 12, a decimal such as 1.5), or by the template's own "1 or 2";
+    - "ambiguous": the verdict names a second number before its first sentence break: "1 2",
+      "1, 2", "1 & 2", "1 and 2", "2, then 1", "1 (2)". A trailing explanation that cites a
+      number without a break first ("2 because output 1 ...") is ambiguous too: unparsed, never
+      guessed.
+    A label in the reasoning AFTER the verdict wins, as the last one."""
+    if not text:
         return None, "missing"
-    last = matches[-1]
-    if last.group(2) or last.group(1) not in ("1", "2"):
+    text = _reply_text(text)
+    last = None
+    for last in _VERDICT.finditer(text):
+        pass
+    if last is None:
+        return None, "missing"
+    start = _SKIP.match(text, last.end()).end()
+    if start == len(text):
+        return None, "missing"
+    clause = _clause(text, start)
+    word = _OUTPUT_WORD.match(clause)
+    number = _VERDICT_NUMBER.match(clause, word.end() if word else 0)
+    if number is None:
         return None, "invalid"
-    return int(last.group(1)), "ok"
+    rest = clause[number.end():]
+    if number.group() not in ("1", "2") or (number.group() == "1" and _ECHO.fullmatch(rest)):
+        return None, "invalid"
+    if _names_another_number(rest):
+        return None, "ambiguous"
+    return int(number.group()), "ok"
+
+
+def _read_score(clause: str) -> tuple[int | None, str] | None:
+    """The score at the start of ``clause`` (what follows a "Score:" label) as (value, "ok") or
+    (None, reason); None when the clause does not start with a number ("<rating>", "N/A")."""
+    number = _SCORE_NUMBER.match(clause)
+    if number is None:
+        return None
+    value = float(number.group())
+    rest = clause[number.end():]
+    scale = _OUT_OF.match(rest)
+    if scale:
+        rest = rest[scale.end():]
+    if _names_another_number(rest):
+        return None, "ambiguous"
+    if (scale and float(scale.group(1)) != 5) or not value.is_integer() or not 0 <= value <= 5:
+        return None, "out_of_range"
+    return int(value), "ok"
 
 
 def parse_scores(text: str | None, n: int = BATCH) -> tuple[list[int] | None, str]:
-    """(n scores, "ok") from "Score: <0-5>" lines, in order; otherwise (None, status) with status
-    "missing" (fewer than n), "extra" (more than n) or "out_of_range" (not an integer 0..5).
-    A batch that does not parse is never guessed."""
-    found = _SCORE.findall(text or "")
-    if len(found) < n:
+    """(n scores, "ok") from the reply's "Score: <0-5>" lines, response 1 first; otherwise (None,
+    status). A batch that does not parse cleanly is never guessed.
+
+    A score is the integer after a "Score:" label (markdown bold and quotes allowed around both;
+    "3.0" reads as 3; "4/5" and "4 out of 5" as 4, the template's scale made explicit); a label
+    followed by no number ("Score: <rating>", "Score: N/A") is no score. The template asks for
+    reasoning per response, each followed by a "Score:" line, so a score belongs to the response
+    whose "Response k" heading (a line starting with it) comes first after the previous score.
+    - No score has a heading: the scores are read in order; "missing" with fewer than n,
+      "extra" with more.
+    - Every score has one: they are attributed by heading, so out-of-order responses are read
+      correctly; "mislabeled" for a heading outside 1..n, "duplicate" when a response is scored
+      twice (even with the same value: the reply is not clean), "missing" when one is not scored.
+    - Some have one ("Response 1: ... Response 5:" reasoning, then five "Score:" lines): the
+      scores are read in order ("missing"/"extra" as above), and every heading must agree with
+      its score's position, else "mislabeled" (the scores cannot be attributed).
+    Then each score, in response order: "ambiguous" when a second number follows it before a
+    sentence break ("Score: 3-4", "Score: 3 or 4"), "out_of_range" when it is not an integer 0..5
+    (6, -1, 2.5, or "8/10", another scale)."""
+    if not text:
         return None, "missing"
-    if len(found) > n:
-        return None, "extra"
-    values = [float(v) for v in found]
-    if any(not v.is_integer() or not 0 <= v <= 5 for v in values):
-        return None, "out_of_range"
-    return [int(v) for v in values], "ok"
+    text = _reply_text(text)
+    headings = [(m.start(), int(m.group(1))) for m in _RESPONSE.finditer(text)]
+    found: list[tuple[int | None, tuple[int | None, str]]] = []     # (heading, (value, status))
+    h, block_start = 0, 0
+    for label in _SCORE.finditer(text):
+        score = _read_score(_clause(text, _SKIP.match(text, label.end()).end()))
+        if score is None:
+            continue
+        while h < len(headings) and headings[h][0] < block_start:
+            h += 1
+        heading = headings[h][1] if h < len(headings) and headings[h][0] < label.start() else None
+        found.append((heading, score))
+        block_start = label.end()
+    labels = [heading for heading, _ in found]
+    if all(k is not None for k in labels) and labels:
+        if any(not 1 <= k <= n for k in labels):
+            return None, "mislabeled"
+        if len(set(labels)) < len(labels):
+            return None, "duplicate"
+        if len(labels) < n:
+            return None, "missing"
+        ordered = [score for _, score in sorted(found, key=lambda item: item[0])]
+    else:
+        if len(found) < n:
+            return None, "missing"
+        if len(found) > n:
+            return None, "extra"
+        if any(k is not None and k != position for position, k in enumerate(labels, start=1)):
+            return None, "mislabeled"
+        ordered = [score for _, score in found]
+    for value, status in ordered:
+        if status != "ok":
+            return None, status
+    return [value for value, _ in ordered], "ok"
 
 
 # ---------------------------------------------------------------------------- shared plumbing
