@@ -385,9 +385,11 @@ def test_scibench_correct_within_five_percent_and_binary_proxy(data_dir):
     q = items[0]
     assert q.gold == 50.7
     assert task.proxy(q, None) is None and not task.is_correct(q, None)
-    assert task.parse("The final answer is 50.9", q) == 50.9
-    assert task.parse("First 3 then 7. The final answer is: 5.07e1", q) == 50.7
-    assert task.parse("None", q) is None
+    assert task.parse("The final answer is 50.9", q).value == 50.9
+    assert task.parse("First 3 then 7. The final answer is: 5.07e1", q).value == 50.7
+    assert task.parse("The final answer is 5.07 x 10^1", q).value == pytest.approx(50.7)
+    assert task.parse("None", q).value is None
+    assert task.parse("First 3 then 7.", q).reason == "no_answer"       # never the last number of the text
 
 
 # ---------------------------------------------------------------------------- open-ended: bio, com2
@@ -663,72 +665,114 @@ def test_missing_data_directory_mentions_wow_data_dir(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- parsers
 
+# The final-answer rules (tasks.base.Parsed): a letter that starts the reply or follows an answer
+# phrase; a number after the instruction's own opening, or a reply that is only the number. Anything
+# else is unparsed with a reason: never a letter or number picked out of free text.
 @pytest.mark.parametrize("text, n_options, expected", [
-    ("B", 4, 1),
-    ("A", 4, 0),
-    ("D.", 4, 3),
-    ("E", 4, None),                 # beyond the options
-    ("Z", 4, None),
-    ("J", 10, 9),
-    ("K", 10, None),
-    ("None", 4, None),
-    ("none.", 4, None),
-    ("", 4, None),
-    ("   ", 4, None),
-    ("**B**", 4, 1),                # markdown bold
-    ("*C*", 4, 2),
-    ("`A`", 4, 0),
-    ("\uff22", 4, 1),               # full-width B
-    ("The answer is C.", 4, 2),
-    ("The answer is C", 4, 2),
-    ("(B)", 4, 1),
-    ("C. Paris", 4, 2),
-    ("b", 4, 1),                    # a lone lowercase letter
-    ("b.", 4, 1),
-    ("e", 4, None),
-    ("the answer", 4, None),
-    ("I am not sure", 4, None),
-    ("42", 4, None),
+    ("B", 4, (1, "letter")),
+    ("A", 4, (0, "letter")),
+    ("D.", 4, (3, "letter")),
+    ("E", 4, "out_of_range"),                 # beyond the options
+    ("Z", 4, "out_of_range"),
+    ("J", 10, (9, "letter")),
+    ("K", 10, "out_of_range"),
+    ("None", 4, "none"),
+    ("none.", 4, "none"),
+    ("", 4, "empty"),
+    ("   ", 4, "empty"),
+    (None, 4, "empty"),
+    ("**B**", 4, (1, "letter")),               # markdown bold
+    ("*C*", 4, (2, "letter")),
+    ("`A`", 4, (0, "letter")),
+    ("\uff22", 4, (1, "letter")),               # full-width B
+    ("The answer is C.", 4, (2, "phrase")),
+    ("The answer is C", 4, (2, "phrase")),
+    ("The correct answer is (D).", 4, (3, "phrase")),
+    ("Answer: B", 4, (1, "phrase")),
+    ("(B)", 4, (1, "letter")),
+    ("C. Paris", 4, (2, "letter")),
+    ("b", 4, (1, "letter")),                    # a lone lowercase letter
+    ("b.", 4, (1, "letter")),
+    ("e", 4, "out_of_range"),
+    ("a. Paris", 4, "no_answer"),               # a lowercase word, not a letter
+    ("the answer", 4, "no_answer"),
+    ("the answer is a bit unclear", 4, "no_answer"),   # "a" is a word here, not option A
+    ("I am not sure", 4, "no_answer"),
+    ("42", 4, "no_answer"),
+    ("Answer: A and B", 4, "ambiguous"),        # two answers are none
+    ("A or B", 4, "ambiguous"),
+    ("A, B", 4, "ambiguous"),
+    ("The answer is A. Actually the answer is B.", 4, "ambiguous"),
+    ("The answer is B, then C", 4, "ambiguous"),
+    ("After comparing A and C, I choose D", 4, "no_answer"),    # free text: no letter picked out
+    ("x" * 100_000 + " The answer is B", 4, "no_answer"),       # past the reply's length bound
 ])
 def test_parse_letter(text, n_options, expected):
-    assert parse_letter(text, n_options) == expected
+    parsed = parse_letter(text, n_options)
+    if isinstance(expected, tuple):
+        assert (parsed.value, parsed.rule, parsed.reason) == (*expected, None)
+    else:
+        assert (parsed.value, parsed.reason) == (None, expected)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("1,234", 1234.0),
-    ("12,345,678", 12345678.0),
-    ("-3", -3.0),
-    ("+4", 4.0),
-    ("\u22123", -3.0),              # unicode minus
-    ("\u22122.5", -2.5),
-    ("None", None),
-    ("none", None),
-    ("", None),
-    ("no number here", None),
-    ("The final answer is 2.5e3", 2500.0),
-    ("The final answer is 1.5E-2", 0.015),
-    (".5", 0.5),
-    ("**7**", 7.0),
-    ("\uff13\uff12", 32.0),         # full-width digits
-    ("from 3 to 9 the flow is 12", 12.0),     # the last number
-    ("The total weight is 1,234.5.", 1234.5),
+@pytest.mark.parametrize("text, phrase, integer, expected", [
+    ("The total weight is 7.", "The total weight is", True, (7, "phrase")),
+    ("The total weight is **12**", "The total weight is", True, (12, "phrase")),
+    ("the total weight is: 1,234", "The total weight is", True, (1234, "phrase")),
+    ("The total weight is 5 (not 6)", "The total weight is", True, (5, "phrase")),
+    ("The total weight is 7, via 0,3,7", "The total weight is", True, (7, "phrase")),
+    ("7", "The total weight is", True, (7, "bare")),
+    ("7.", "The total weight is", True, (7, "bare")),
+    ("\uff13\uff12", "The total weight is", True, (32, "bare")),          # full-width digits
+    # the failure this rule exists for: a node id is not an answer
+    ("There is no shortest path from node 7 to node 3", "The total weight is", True, "no_answer"),
+    ("The shortest path is 0 -> 2 -> 3 with weight 5.", "The total weight is", True, "no_answer"),
+    ("The total weight is 7 + 3 = 10", "The total weight is", True, "ambiguous"),
+    ("The total weight is 7. The total weight is 8.", "The total weight is", True, "ambiguous"),
+    ("The total weight is 7. So the total weight is 7.", "The total weight is", True, (7, "phrase")),
+    ("The total weight is 7.5", "The total weight is", True, "not_integer"),
+    ("The total weight is unknown", "The total weight is", True, "no_answer"),
+    ("None", "The total weight is", True, "none"),
+    ("", "The total weight is", True, "empty"),
+    ("The maximum flow is 12.", "The maximum flow is", True, (12, "phrase")),
+    ("The total weight is 12.", "The maximum flow is", True, "no_answer"),     # another task's phrase
+    # SciBench: a float, with a sign, powers of ten and fractions read, not cut
+    ("The final answer is 2.5e3", "The final answer is", False, (2500.0, "phrase")),
+    ("The final answer is 1.5E-2", "The final answer is", False, (0.015, "phrase")),
+    ("The final answer is 6.02 x 10^23", "The final answer is", False, (6.02e23, "phrase")),
+    ("The final answer is $2.5 \\times 10^{3}$", "The final answer is", False, (2500.0, "phrase")),
+    ("The final answer is 1/2", "The final answer is", False, (0.5, "phrase")),
+    ("The final answer is \u22123.5", "The final answer is", False, (-3.5, "phrase")),  # unicode minus
+    ("The final answer is -.5", "The final answer is", False, (-0.5, "phrase")),
+    ("-3", "The final answer is", False, (-3.0, "bare")),
+    ("+4", "The final answer is", False, (4.0, "bare")),
+    ("12,345,678", "The final answer is", False, (12345678.0, "bare")),
+    ("The final answer is 1/0", "The final answer is", False, "ambiguous"),
+    ("The final answer is 1e999", "The final answer is", False, "ambiguous"),    # not a finite number
+    ("from 3 to 9 the flow is 12", "The final answer is", False, "no_answer"),
 ])
-def test_parse_number(text, expected):
-    assert parse_number(text) == expected
+def test_parse_number(text, phrase, integer, expected):
+    parsed = parse_number(text, phrase, integer)
+    if isinstance(expected, tuple):
+        assert (parsed.value, parsed.rule, parsed.reason) == (*expected, None)
+        assert isinstance(parsed.value, int) == integer
+    else:
+        assert (parsed.value, parsed.reason) == (None, expected)
 
 
-def test_parse_number_prefers_the_pattern_group():
-    pattern = re.compile(r"The final answer is\s*(\S+)")
-    assert parse_number("The final answer is 3 (after 2 steps)", pattern) == 3.0
-    assert parse_number("Steps 1, 2; result 5", pattern) == 5.0   # no match: the last number
-
-
-def test_numeric_task_parse_uses_parse_number(data_dir):
-    task = get_task("nlgraph_flow", data_dir=data_dir)
-    q = task.load()[0]
-    assert task.parse("The maximum flow is 1,204.", q) == 1204.0
-    assert task.parse("None", q) is None
-    assert task.to_answer(7.0, None) == 7.0
+def test_numeric_tasks_read_their_own_opening(data_dir):
+    for name, phrase in (("nlgraph_shortest_path", "The total weight is"), ("nlgraph_flow", "The maximum flow is"),
+                         ("nlgraph_matching", "The maximum number of matches is")):
+        task = get_task(name, data_dir=data_dir)
+        q = task.load()[0]
+        assert phrase in task.extraction_instruction()       # the official instruction asks for it
+        assert task.parse(f"{phrase} 1,204.", q).value == 1204
+        assert task.parse("None", q).value is None
+        assert task.constraint(q) == "number"
+    assert get_task("scibench", data_dir=data_dir).constraint(None) == "number:signed,decimal"
+    kc = get_task("kc", data_dir=data_dir)
+    assert kc.constraint(kc.load()[0]) == "letters:ABCD"
+    assert get_task("nlgraph_flow", data_dir=data_dir).to_answer(7.0, None) == 7.0
 
 
 # ---------------------------------------------------------------------------- option orders and prompts
@@ -781,8 +825,11 @@ def test_to_answer_and_prompt_letters_agree_for_any_order(mc_samples, data):
     assert shown[shown_index] == q.options[original]
     # the model replying with the letter shown there gets back the same original option
     letter = LETTERS[shown_index]
-    assert task.to_answer(task.parse(letter, q), list(order)) == original
-    assert task.to_answer(task.parse(f"**{letter}**", q), list(order)) == original
+    assert task.to_answer(task.parse(letter, q).value, list(order)) == original
+    assert task.to_answer(task.parse(f"**{letter}**", q).value, list(order)) == original
+    # a constrained answer (the prefilled opening, then one of the question's letters) too
+    assert task.constraint(q) == "letters:" + LETTERS[:len(q.options)]
+    assert task.to_answer(task.parse(f"{task.answer_phrase} {letter}", q).value, list(order)) == original
 
 
 def test_prompt_has_cot_instruction_query_and_options(mc_samples):

@@ -7,6 +7,7 @@ from . import chess, kc, medmcqa, nlgraph, open_ended, scibench, similarity  # n
 from .base import (
                    LETTERS,
                    SPLITS,
+                   Parsed,
                    DataError,
                    ProxyUnavailable,
                    Question,
@@ -20,6 +21,7 @@ from .registry import get_task, register, task_names
 __all__ = [
                    "LETTERS",
                    "SPLITS",
+                   "Parsed",
                    "DataError",
                    "ProxyUnavailable",
                    "Question",

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import random
 import re
 import unicodedata
@@ -205,49 +206,146 @@ def normalise_text(text: str) -> str:
     """NFKC (full-width letters/digits -> ASCII), unicode minus -> '-', markdown emphasis and
     surrounding brackets/quotes removed, whitespace stripped."""
     text = unicodedata.normalize("NFKC", text or "").replace("\u2212", "-")
-    text = re.sub(r"[*_`]+", "", text)
+    text = re.sub(r"[*_`$]+", "", text)
     return text.strip().strip("\"'()[]").strip()
 
 
-_NONE = re.compile(r"^none\.?$", re.IGNORECASE)
-# The paper's answer pattern for multiple choice, applied after normalise_text.
-_MC_PATTERN = re.compile(r"([A-Z])(\.|\. .+)?$")
-NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
-_NUMBER = re.compile(NUMBER)
+@dataclass(frozen=True)
+class Parsed:
+    """What a final-answer parser read: the ``value`` (the SHOWN option index, or a number) and
+    the ``rule`` that read it, or ``value`` None and the ``reason`` it could not.
+
+    Rules (text mode): ``letter`` (a reply that is only an option letter, as the multiple-choice
+    instruction asks, possibly followed by the option's text), ``phrase`` (the opening the
+    instruction asked for, "The total weight is 7", "The answer is B"), ``bare`` (a numeric reply
+    that is only the number). Constrained mode (``sample``) records ``constrained``. Reasons:
+    ``empty``, ``none`` (the model said "None", as the instruction allows), ``no_answer`` (none of
+    the rules applies: never a number or letter picked out of free text), ``ambiguous`` (two
+    different answers, or an expression rather than a value), ``not_integer``, ``out_of_range``."""
+
+    value: float | int | str | None
+    rule: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.value is None) == (self.reason is None):
+            raise ValueError(f"a Parsed has a value or a reason, not both or neither: {self}")
 
 
-def parse_letter(text: str, n_options: int) -> int | None:
-    """The shown option index in a final-answer reply, or None (no answer, "None", or a letter
-    beyond the options)."""
-    text = normalise_text(text)
-    if not text or _NONE.match(text):
-        return None
-    if re.fullmatch(r"[a-z]\.?", text):   # a reply that is only a lowercase letter ("b", "b.")
-        text = text.upper()
-    match = _MC_PATTERN.search(text)
-    if not match:
-        return None
-    index = LETTERS.index(match.group(1))
-    return index if index < n_options else None
+def unparsed(reason: str) -> Parsed:
+    return Parsed(None, reason=reason)
 
 
-def parse_number(text: str, pattern: re.Pattern | None = None) -> float | None:
-    """A number from a final-answer reply: the first group of ``pattern`` if it matches, else
-    the last number in the text; thousands separators removed; None for "None" or no number."""
-    text = normalise_text(text)
-    if not text or _NONE.match(text):
-        return None
-    if pattern is not None and (match := pattern.search(text)):
-        token = match.group(1)
+_NONE = re.compile(r"none\.?", re.IGNORECASE)
+MAX_REPLY_CHARS = 4000      # a final-answer reply is a phrase (32 tokens): longer text is cut here
+                            # so no pattern ever scans a runaway reply
+
+# ---- multiple choice
+# The official pattern ``([A-Z])(\.|\. .+)?$`` read the reply's last capital letter followed by the
+# end (or ". option text"); searched anywhere, it makes "A or B" read as B. Here the letter must
+# START the reply (optionally in brackets, then the end, a full stop, a colon, or ". <option text>"),
+# or follow an explicit answer phrase.
+_LETTER_REPLY = re.compile(r"\(?([A-Za-z])\)?(?:[.:)]?|[.:)] .*)", re.DOTALL)
+_LETTER_PHRASE = re.compile(
+    r"\b(?:the )?(?:correct |final |best )?(?:answer|option|choice)(?: is)?(?: option)? ?:? ?\(?((?-i:[A-Z]))\)?(?![A-Za-z])",
+    re.IGNORECASE)
+_SEVERAL = re.compile(r" ?(?:and|or|&|,|/|then)(?: (?:and|or|then))? ?\(?[A-Z]\)?(?![A-Za-z])")      # "A or B", "A, B"
+
+
+def parse_letter(text: str | None, n_options: int) -> Parsed:
+    """The SHOWN option index in a final-answer reply (rules ``letter`` and ``phrase``, see
+    ``Parsed``); a letter beyond the options, a lowercase word, "A or B" / "A, B" / two answer
+    phrases with different letters are unparsed with their reason."""
+    text = re.sub(r"\s+", " ", normalise_text((text or "")[:MAX_REPLY_CHARS]))
+    if not text:
+        return unparsed("empty")
+    if _NONE.fullmatch(text):
+        return unparsed("none")
+    if (lead := re.match(r"\(?[A-Z]\)?", text)) and _SEVERAL.match(text, lead.end()):
+        return unparsed("ambiguous")                    # "A or B", "A, B"
+    letter, rule = None, None
+    if match := _LETTER_REPLY.fullmatch(text):
+        letter, rule = match.group(1), "letter"
+        if letter.islower() and len(text) > 2:          # "a. Paris"? a lowercase word, not an answer
+            return unparsed("no_answer")
+        tail = text[match.end(1):]
     else:
-        found = _NUMBER.findall(text)
+        found = list(_LETTER_PHRASE.finditer(text))
         if not found:
-            return None
-        token = found[-1]
+            return unparsed("no_answer")
+        if len({m.group(1).upper() for m in found}) > 1:
+            return unparsed("ambiguous")
+        letter, rule, tail = found[-1].group(1), "phrase", text[found[-1].end():]
+    if _SEVERAL.match(tail.lstrip(")")):
+        return unparsed("ambiguous")
+    index = LETTERS.index(letter.upper())
+    return Parsed(index, rule) if index < n_options else unparsed("out_of_range")
+
+
+# ---- numbers
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_EXPONENT = r"(?:\s?[eE]\s?([-+]?\d{1,3})|\s?(?:x|\*|\u00d7|\\times|\\cdot)\s?10\s?\^\s?\{?\s?([-+]?\d{1,3})\s?\}?)"
+NUMBER_RE = re.compile(rf"([-+])?\s?({_DIGITS})(?:{_EXPONENT})?(?:\s?/\s?(\d+(?:\.\d+)?))?")
+_EXPRESSION = re.compile(r"\s?(?:[-+*/x\u00d7^=]|\\times)\s?\d")
+
+
+def read_number(match: re.Match) -> float:
+    """The value of a ``NUMBER_RE`` match: thousands separators, a power of ten and a fraction
+    ("1/2" -> 0.5) are read, not cut ("6.02 x 10^23" is 6.02e23, not 6.02)."""
+    sign, digits, exp_e, exp_ten, denominator = match.groups()
+    value = float(digits.replace(",", ""))
+    exponent = exp_e or exp_ten
+    if exponent is not None:
+        value *= 10.0 ** int(exponent)
+    if denominator is not None:
+        if float(denominator) == 0:
+            raise ValueError("division by zero")
+        value /= float(denominator)
+    return -value if sign == "-" else value
+
+
+def parse_number(text: str | None, phrase: str | None = None, integer: bool = False) -> Parsed:
+    """A number from a final-answer reply, by rule ``phrase`` (the number right after ``phrase``,
+    e.g. "The total weight is", as the official instruction asks the model to start; every
+    occurrence must agree) or ``bare`` (the reply is only the number). Never the last number of
+    free text: "There is no path from node 7 to node 3" is ``no_answer``, not 3. "7 + 3 = 10"
+    after the phrase is ``ambiguous``; with ``integer`` a value like 7.5 is ``not_integer``."""
+    text = re.sub(r"\s+", " ", normalise_text((text or "")[:MAX_REPLY_CHARS]))
+    if not text:
+        return unparsed("empty")
+    if _NONE.fullmatch(text):
+        return unparsed("none")
+    values, rule = [], None
+    bare = NUMBER_RE.fullmatch(text.rstrip(".").strip())
+    if bare:
+        values, rule = [bare], "bare"
+    elif phrase:
+        pattern = re.compile(re.escape(phrase).replace(r"\ ", r"\s") + r"\s?:?\s?(?:approximately\s|about\s|~\s?)?",
+                             re.IGNORECASE)
+        for head in pattern.finditer(text):
+            match = NUMBER_RE.match(text, head.end())
+            if match is None:
+                continue
+            if _EXPRESSION.match(text, match.end()):
+                return unparsed("ambiguous")
+            values.append(match)
+        rule = "phrase"
+    if not values:
+        return unparsed("no_answer")
     try:
-        return float(token.replace(",", ""))
-    except ValueError:
-        return None
+        numbers = {read_number(m) for m in values}
+    except (ValueError, OverflowError):
+        return unparsed("ambiguous")
+    if len(numbers) > 1:
+        return unparsed("ambiguous")
+    value = numbers.pop()
+    if not math.isfinite(value):
+        return unparsed("ambiguous")
+    if integer:
+        if not value.is_integer():
+            return unparsed("not_integer")
+        value = int(value)
+    return Parsed(value, rule)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -285,6 +383,12 @@ class Task:
     domain: ClassVar[str] = ""          # tasks of one domain form generalisation pairs
     options_header: ClassVar[str] = "\nOptions:\n"
     graded: ClassVar[bool] = True       # False: wrong answers all share proxy 0 (no proxy-ordered pairs)
+    # The final answer: the opening the extraction instruction asks for (the text-mode parser reads
+    # the number right after it; constrained mode prefills it), and what a numeric answer may hold.
+    answer_phrase: ClassVar[str] = "The answer is"
+    integer_answer: ClassVar[bool] = False
+    answer_sign: ClassVar[bool] = False
+    answer_decimal: ClassVar[bool] = False
 
     def __init__(self, data_dir: Path | str | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else paths.data_dir()
@@ -374,11 +478,24 @@ class Task:
             raise ValueError(f"task {self.name} has no answer extraction (open-ended)")
         return paths.prompt_text(self.extract_prompt)
 
+    def constraint(self, q: Question) -> str:
+        """What a constrained final answer may be (``wowlib.llm.constrain``): this question's
+        option letters, or a number (with a sign and a decimal point where the task allows)."""
+        if self.kind == "mc":
+            return "letters:" + LETTERS[:len(q.options)]
+        if self.kind == "numeric":
+            flags = [f for f, on in (("signed", self.answer_sign), ("decimal", self.answer_decimal)) if on]
+            return "number" + (":" + ",".join(flags) if flags else "")
+        raise ValueError(f"task {self.name} ({self.kind}) has no constrained final answer")
+
     # -- grading
-    def parse(self, text: str, q: Question) -> float | int | None:
-        """The answer in the reply to the extraction turn: the SHOWN option index (mc) or a number."""
+    def parse(self, text: str, q: Question) -> Parsed:
+        """The answer in the reply to the extraction turn, with the rule that read it (``Parsed``):
+        the SHOWN option index (mc) or the number after ``answer_phrase`` (numeric)."""
         if self.kind == "mc":
             return parse_letter(text, len(q.options))
+        if self.kind == "numeric":
+            return parse_number(text, self.answer_phrase, integer=self.integer_answer)
         raise NotImplementedError
 
     def to_answer(self, parsed: float | None, order: list[int] | None) -> float | int | None:

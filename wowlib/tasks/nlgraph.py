@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import networkx as nx
 
-from .base import DataError, Question, Task, field_of, parse_number, read_json, require_items
+from .base import DataError, Question, Task, field_of, read_json, require_items
 from .registry import register
 
 SOURCE = "NLGraph, github.com/Arthur-Heng/NLGraph, NLGraph/<task>/main.json (MIT)"
@@ -123,10 +123,9 @@ class NLGraphTask(Task):
     def normaliser(self, q: Question) -> float:
         return 2.0 * q.gold
 
-    # -- grading
-    def parse(self, text: str, q: Question) -> float | None:
-        return parse_number(text)
+    integer_answer = True            # path weights, flows and matchings are whole numbers >= 0
 
+    # -- grading
     def is_correct(self, q: Question, answer: float | None) -> bool:
         return answer is not None and answer == q.gold
 
@@ -162,6 +161,7 @@ class ShortestPath(NLGraphTask):
     description = "NLGraph shortest path (weight); proxy normalised by the longest simple path"
     subdir = "shortest_path"
     extract_prompt = "extract_shortest_path"
+    answer_phrase = "The total weight is"
     gold_pattern = re.compile(r"total weight of (\d+)")
     query_suffix = " Please also give the total weight of the shortest path.\n"
 
@@ -184,6 +184,7 @@ class MaximumFlow(NLGraphTask):
     description = "NLGraph maximum flow; proxy normalised by 2 x gold"
     subdir = "flow"
     extract_prompt = "extract_maximum_flow"
+    answer_phrase = "The maximum flow is"
     gold_pattern = re.compile(r"maximum flow.*?is (\d+)")
     query_suffix = "\n"
 
@@ -203,6 +204,7 @@ class Matching(NLGraphTask):
     description = "NLGraph bipartite matching; proxy normalised by 2 x gold"
     subdir = "matching"
     extract_prompt = "extract_matching"
+    answer_phrase = "The maximum number of matches is"
     gold_pattern = re.compile(r"(\d+) applicants can find")
     query_suffix = " Please also give the maximum number of matching.\n"
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from .base import (
     DataError,
     MultipleChoiceTask,
+    Parsed,
     ProxyUnavailable,
     Question,
     Task,
@@ -24,6 +25,7 @@ from .base import (
     read_csv,
     read_jsonl,
     require_items,
+    unparsed,
 )
 from .registry import register
 
@@ -66,8 +68,9 @@ class BioGeneration(Task):
                 "OpenAI key); pass scorer=callable(topic, response) -> [0, 1] to get_task('biogeneration', ...)")
         return self.scorer
 
-    def parse(self, text: str, q: Question) -> str | None:
-        return text.strip() or None            # the answer is the response itself
+    def parse(self, text: str, q: Question) -> Parsed:
+        text = text.strip()                    # the answer is the response itself
+        return Parsed(text, "response") if text else unparsed("empty")
 
     def proxy(self, q: Question, answer: str | None) -> float | None:
         scorer = self._require_scorer()

@@ -7,9 +7,8 @@ preferences only.
 from __future__ import annotations
 
 import math
-import re
 
-from .base import NUMBER, DataError, Question, Task, field_of, parse_number, read_json, require_items
+from .base import DataError, Question, Task, field_of, read_json, require_items
 from .registry import register
 
 SOURCE = "SciBench, github.com/mandyyyyii/scibench, dataset/original/*.json (MIT)"
@@ -17,7 +16,6 @@ BOOKS = ("atkins", "calculus", "chemmc", "class", "diff", "fund", "matter", "qua
 INSTRUCTION = ("Instruction: Please provide a clear and step-by-step solution for a scientific problem in the "
                "categories of Chemistry, Physics or Mathematics. The problem will specify the unit of "
                "measurement, which should not be included in the answer. Express the final answer as a decimal.")
-_FINAL = re.compile(rf"The final answer is\s*:?\s*({NUMBER})", re.IGNORECASE)
 TOLERANCE = 0.05
 
 
@@ -28,6 +26,9 @@ class SciBench(Task):
     description = "SciBench textbook problems; correct within 5%; binary proxy"
     source = SOURCE
     extract_prompt = "extract_science"
+    answer_phrase = "The final answer is"    # the official extraction instruction's opening
+    answer_sign = True
+    answer_decimal = True
     domain = "science"
     graded = False
 
@@ -58,9 +59,6 @@ class SciBench(Task):
                     query=f"{INSTRUCTION}\nQuestion: {text} The desired unit for your answer is: {unit}.",
                     meta={"book": book}))
         return items
-
-    def parse(self, text: str, q: Question) -> float | None:
-        return parse_number(text, _FINAL)
 
     def is_correct(self, q: Question, answer: float | None) -> bool:
         return answer is not None and abs(answer - q.gold) <= TOLERANCE * abs(q.gold)
