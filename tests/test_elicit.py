@@ -169,6 +169,16 @@ def test_swap_consistency_filter():
     assert not [r for r in rows if r["method"].startswith("pairwise") and r["margin"] != 1.0]
 
 
+def test_swap_checked_row_is_reported_with_zero_pairs():
+    """A judge with a position bias: every verdict flips when the outputs swap. The swap-checked
+    row stays in the table, with 0 pairs, instead of vanishing."""
+    biased = [dict(r, verdict=1, swapped_verdict=1, status="ok", swapped_status="ok") for r in PAIRWISE[:5]]
+    rows = elicit.elicitation_rows(SAMPLES, pairwise=biased)
+    checked = [r for r in rows if r["method"] == "pairwise_consistent"]
+    assert len(checked) == 1 and checked[0]["n_pairs"] == 0 and math.isnan(checked[0]["accuracy"])
+    assert "pairwise_consistent" in elicit.table1(rows).index.get_level_values("method")
+
+
 def test_pairwise_logprob_margins_use_logprob_gap():
     records = [dict(r, mode="logprob", logprob_1=-1.0, logprob_2=-1.0 - k) for k, r in enumerate(PAIRWISE[:5])]
     rows = elicit.elicitation_rows(SAMPLES, pairwise=records)
@@ -182,8 +192,8 @@ def test_score_judge_accuracy_and_margins():
     assert acc_of(rows, "kc", "score", judge="J") == (5, pytest.approx(3 / 5))
     # gaps (2, 1, 2, 1, 1): the two largest are pairs 0 and 2, both right
     assert acc_of(rows, "kc", "score", 0.5, judge="J") == (2, 1.0)
-    # q2's batch did not parse: its pairs are judged wrong, not dropped
-    assert acc_of(rows, NL, "score", judge="J") == (2, 0.0)
+    # q2's batch did not parse: it scored nobody, so its pairs are left out (not counted as wrong)
+    assert not [r for r in rows if r["task"] == NL and r["method"] == "score"]
 
 
 def test_score_judge_leaves_out_unshown_samples():

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import store
+from . import stats, store
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +257,13 @@ def judge_scores_by_sample(judgments: Iterable[dict]) -> dict[tuple[str, str], d
 
 
 def score_judge_outcomes(samples: Sequence[dict], judgments: Iterable[dict]) -> list[dict[str, Any]]:
-    """Outcomes of a score judge on the WoW pairs whose two samples it was shown. A sample in a
-    batch that did not parse has no score: its pairs count as wrong. Samples never shown (the
-    leftovers of batching in fives) leave their pairs out."""
+    """Outcomes of a score judge on the WoW pairs whose two samples it scored. A batch that did not
+    parse scored nobody: its samples' pairs are left out (``task_statistics``: score_parse_fail), not
+    counted as wrong; so are the pairs of samples never shown (a remainder under five)."""
     pairs = wow_pairs(samples)
     out = []
     for (judge, mode), scores in sorted(judge_scores_by_sample(judgments).items()):
-        shown = [p for p in pairs if p.key_i in scores and p.key_j in scores]
+        shown = [p for p in pairs if scores.get(p.key_i) is not None and scores.get(p.key_j) is not None]
         method = "score" + ("_logprob" if mode == "logprob" else "")
         out += score_outcomes(shown, scores, method, judge)
     return out
@@ -300,33 +300,24 @@ def margin_select(gaps: Sequence[float], margin: float) -> np.ndarray:
     return np.sort(order[len(gaps) - k:]) if k > 0 else np.array([], dtype=int)
 
 
-def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of a mean (seeded); (nan, nan) for fewer than 2 values.
-    Percentile rather than BCa: BCa is undefined when all values are equal (0/1 vectors often are)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return math.nan, math.nan
-    if np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    from scipy.stats import bootstrap
-    res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                    method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def pair_accuracy(agree: Sequence[int], gaps: Sequence[float] | None = None, margin: float = 1.0,
-                  seed: int = 0) -> Accuracy:
+                  seed: int = 0, questions: Sequence | None = None,
+                  n_resamples: int = stats.N_RESAMPLES) -> Accuracy:
     """Accuracy of one method on WoW pairs (``agree``: 1 where its order matches the proxy order,
-    ties already 0), restricted to the top ``margin`` share by |score gap|, with a 95% bootstrap CI."""
+    ties already 0), restricted to the top ``margin`` share by |score gap|, with a 95% interval that
+    resamples QUESTIONS (``questions``: each pair's question; default: every pair its own, which
+    is right only for independent pairs). The margin rule is applied inside every resample."""
     agree = np.asarray(agree, dtype=float)
-    if margin != 1.0:
-        if gaps is None:
-            raise ValueError("a margin below 1.0 needs the score gaps")
-        agree = agree[margin_select(gaps, margin)]
-    n = len(agree)
-    low, high = bootstrap_ci(agree, seed=seed)
-    return Accuracy(n, float(agree.mean()) if n else math.nan, low, high)
+    if margin != 1.0 and gaps is None:
+        raise ValueError("a margin below 1.0 needs the score gaps")
+    n = len(margin_select(np.zeros(len(agree)), margin)) if len(agree) else 0
+    if n == 0:
+        return Accuracy(0, math.nan, math.nan, math.nan)
+    clusters = list(range(len(agree))) if questions is None else list(questions)
+    statistic = stats.top_share_mean(agree, np.zeros(len(agree)) if gaps is None else np.asarray(gaps, dtype=float),
+                                     margin)
+    estimate, low, high = stats.cluster_bootstrap(clusters, statistic, n_resamples, seed)
+    return Accuracy(n, float(estimate[0]), float(low[0]), float(high[0]))
 
 
 def _margins_for(method: str, margins: Sequence[float]) -> list[float]:
@@ -337,16 +328,28 @@ def _margins_for(method: str, margins: Sequence[float]) -> list[float]:
 
 
 def elicitation_rows(samples: Sequence[dict], pairwise: Iterable[dict] = (), score: Iterable[dict] = (),
-                     margins: Sequence[float] = MARGINS, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per (task, generator, judge, method, margin): n_pairs, accuracy, 95% CI."""
+                     margins: Sequence[float] = MARGINS, seed: int = 0,
+                     n_resamples: int = stats.N_RESAMPLES) -> list[dict[str, Any]]:
+    """One row per (task, generator, judge, method, margin): n_pairs, accuracy, 95% CI over
+    questions. A pairwise judge's swap-checked row is always there, with 0 pairs when no verdict
+    survived the swap (position bias is a result, not a gap in the table)."""
+    pairwise = list(pairwise)
     outcomes = all_outcomes(samples, pairwise, score)
     rows = []
     for (task, generator, judge, method), group in outcomes.groupby(
             ["task", "generator", "judge", "method"], sort=True):
         for margin in _margins_for(method, margins):
-            acc = pair_accuracy(group["agree"].to_numpy(), group["gap"].to_numpy(), margin, seed)
+            acc = pair_accuracy(group["agree"].to_numpy(), group["gap"].to_numpy(), margin, seed,
+                                questions=group["question_id"].astype(str).to_list(), n_resamples=n_resamples)
             rows.append({"task": task, "generator": generator, "judge": judge, "method": method,
                          "margin": margin, **asdict(acc)})
+    present = {(r["task"], r["generator"], r["judge"], r["method"]) for r in rows}
+    for task, generator, judge, method in sorted(present):
+        checked = f"{method}_consistent"
+        if method in ("pairwise", "pairwise_logprob") and (task, generator, judge, checked) not in present \
+                and any(r.get("swapped_verdict") is not None or r.get("swapped_status") is not None for r in pairwise):
+            rows += [{"task": task, "generator": generator, "judge": judge, "method": checked, "margin": margin,
+                      **asdict(Accuracy(0, math.nan, math.nan, math.nan))} for margin in _margins_for(checked, margins)]
     return rows
 
 
@@ -400,7 +403,8 @@ def shade_bins(outcomes: pd.DataFrame, n_bins: int = 5, max_levels: int = 6, see
         df = df.assign(less_wrong=[labels[k] for k in index[:len(df)]],
                        more_wrong=[labels[k] for k in index[len(df):]])
         for keys, group in df.groupby(["generator", "judge", "method", "less_wrong", "more_wrong"], sort=True):
-            acc = pair_accuracy(group["agree"].to_numpy(), seed=seed)
+            acc = pair_accuracy(group["agree"].to_numpy(), seed=seed,
+                                questions=group["question_id"].astype(str).to_list())
             rows.append(dict(zip(columns, (task, *keys)), **asdict(acc)))
     return pd.DataFrame(rows, columns=columns)
 

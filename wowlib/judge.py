@@ -40,7 +40,8 @@ PAIRWISE_PREFIX = "Preferred output:"
 PAIRWISE_CHOICES = (" 1", " 2")
 SCORE_CHOICES = tuple(f" {d}" for d in range(6))
 BATCH = 5                                   # responses per score-judge prompt (the paper's template)
-MAX_NEW_TOKENS = 256                        # judge replies are asked to stay under 100 words
+MAX_NEW_TOKENS = 256                        # pairwise replies (the official code's budget; < 100 words asked)
+SCORE_MAX_NEW_TOKENS = 1024                 # score replies: five reasonings (the official code's budget)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -351,7 +352,7 @@ class JudgePlan:
     judge_key: str
     question_ids: list[str]
     judge: Callable[[Sequence[int]], list[dict]]
-    leftover: int = 0                       # score judge: valid responses left out of the batches
+    leftover: int = 0                       # score judge: responses left out of the batches (a remainder < 5)
 
 
 def run_plan(plan: JudgePlan) -> list[dict]:
@@ -378,10 +379,11 @@ def write_judgments(path: Path, records: list[dict], params: dict, judge_key: st
         stats = {"batches": len(records), "scored": BATCH * len(records), "leftover_unscored": leftover,
                  "statuses": _count(r["status"] for r in records)}
         if not records and leftover:
-            log.warning("%s: no question has %d valid responses, so nothing was scored (sample n_samples >= %d)",
+            log.warning("%s: no question has %d responses, so nothing was scored (sample n_samples >= %d)",
                         path, BATCH, BATCH)
         elif leftover:
-            log.info("%s: %d valid responses left over from batches of %d (not scored)", path, leftover, BATCH)
+            log.warning("%s: %d responses left over from batches of %d (not scored; use n_samples divisible by %d)",
+                        path, leftover, BATCH, BATCH)
     _save(path, _entry_key(path), records, params, stats, judge_key)
     log.info("%s (%s): %s", path, params["mode"], stats)
     return stats
@@ -506,16 +508,16 @@ def _count(values) -> dict[str, int]:
 # ---------------------------------------------------------------------------- score judge
 
 def score_batches(samples: Sequence[dict], seed: int = 0, size: int = BATCH) -> tuple[list[list[dict]], int]:
-    """Per question, its valid (status "ok") samples shuffled (seeded per question) and cut into
-    batches of ``size``; the < ``size`` leftovers are not scored. Returns (batches, n_leftover)."""
+    """Per question, ALL its samples (parsed or not, as the official code scores every response)
+    in sample order, cut into fixed batches of ``size``: samples 0-4, 5-9, ... A remainder of
+    fewer than ``size`` is not scored (the template takes exactly five). Returns (batches,
+    n_leftover). ``seed`` is kept for the manifest's parameters; the batches do not depend on it."""
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in samples:
-        if r["status"] == "ok":
-            groups[(r["task"], r["generator"], str(r["question_id"]))].append(r)
+        groups[(r["task"], r["generator"], str(r["question_id"]))].append(r)
     batches, leftover = [], 0
-    for (task, generator, qid), rows in sorted(groups.items()):
+    for _, rows in sorted(groups.items()):
         rows.sort(key=lambda r: int(r["sample_idx"]))
-        random.Random(stable_seed("score-batches", task, generator, qid, seed)).shuffle(rows)
         full = len(rows) // size * size
         batches += [rows[k:k + size] for k in range(0, full, size)]
         leftover += len(rows) - full
@@ -532,7 +534,7 @@ def expected_score(lp: Mapping[str, float]) -> float:
 
 def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name: str,
                  samples: Sequence[dict], mode: str = "text", seed: int = 0,
-                 max_new_tokens: int = 2 * MAX_NEW_TOKENS,
+                 max_new_tokens: int = SCORE_MAX_NEW_TOKENS,
                  questions: Mapping[str, Question] | None = None) -> list[dict]:
     """Grade every valid response of (generator, task) 0-5, five per prompt (``score_batches``).
 
@@ -548,7 +550,7 @@ def judge_scores(llm, run: store.Run, generator: str, judge_name: str, task_name
 
 def score_plan(llm, run: store.Run, generator: str, judge_name: str, task_name: str,
                samples: Sequence[dict], mode: str = "text", seed: int = 0,
-               max_new_tokens: int = 2 * MAX_NEW_TOKENS,
+               max_new_tokens: int = SCORE_MAX_NEW_TOKENS,
                questions: Mapping[str, Question] | None = None) -> JudgePlan:
     """``judge_scores`` before any call: the batches (per question, in question order), their
     prompts and the parameters of the output file."""
@@ -612,20 +614,23 @@ def load_judgments(run: store.Run, kind: str) -> list[dict]:
 def run_judging(run: store.Run, generators: Sequence[str], judges: Sequence[str], tasks: Sequence[str],
                 pairwise_modes: Sequence[str] = ("logprob", "text"), score_modes: Sequence[str] = ("text",),
                 caps: Mapping[str, int | None] | None = None, seed: int = 0,
-                max_new_tokens: int = MAX_NEW_TOKENS, load: Callable[[str], Any] | None = None) -> list[dict]:
+                max_new_tokens: int = MAX_NEW_TOKENS, load: Callable[[str], Any] | None = None,
+                score_max_new_tokens: int = SCORE_MAX_NEW_TOKENS) -> list[dict]:
     """Every judge x every generator's answers x every task, in the requested modes (the
     generator x judge cross of the paper). ``caps[mode]`` bounds the pairs judged per (generator,
-    judge, task) in that mode, like the paper's 10,000. ``load(judge_name)``: the judge (default
-    ``load_llm``). Returns one summary row per call."""
+    judge, task) in that mode, like the paper's 10,000. ``max_new_tokens`` / ``score_max_new_tokens``:
+    text-mode reply budgets of the pairwise and score judges (the official code: 256, 1024).
+    ``load(judge_name)``: the judge (default ``load_llm``). Returns one summary row per call."""
     return [_summary_row(plan, run_plan(plan))
             for plan in judging_plans(run, generators, judges, tasks, pairwise_modes, score_modes, caps, seed,
-                                      max_new_tokens, load)]
+                                      max_new_tokens, load, score_max_new_tokens)]
 
 
 def judging_plans(run: store.Run, generators: Sequence[str], judges: Sequence[str], tasks: Sequence[str],
                   pairwise_modes: Sequence[str] = ("logprob", "text"), score_modes: Sequence[str] = ("text",),
                   caps: Mapping[str, int | None] | None = None, seed: int = 0,
-                  max_new_tokens: int = MAX_NEW_TOKENS, load: Callable[[str], Any] | None = None) -> Iterator[JudgePlan]:
+                  max_new_tokens: int = MAX_NEW_TOKENS, load: Callable[[str], Any] | None = None,
+                  score_max_new_tokens: int = SCORE_MAX_NEW_TOKENS) -> Iterator[JudgePlan]:
     """The jobs of ``run_judging`` in its order, planned lazily (one judge model loaded at a time).
     ``load(judge_name)``: the judge (default ``load_llm``; a sharded run passes its own cache)."""
     from .llm.models import load_llm
@@ -641,7 +646,7 @@ def judging_plans(run: store.Run, generators: Sequence[str], judges: Sequence[st
                                         cap=caps.get(mode), seed=seed, max_new_tokens=max_new_tokens)
                 for mode in score_modes:
                     yield score_plan(judge, run, generator, judge_name, task_name, samples, mode=mode, seed=seed,
-                                     max_new_tokens=2 * max_new_tokens)
+                                     max_new_tokens=score_max_new_tokens)
 
 
 def _summary_row(plan: JudgePlan, records: Sequence[dict]) -> dict:
