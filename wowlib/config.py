@@ -135,11 +135,14 @@ def check_names(p: Mapping[str, Any], where: str) -> None:
             raise ProfileError(f"{where}: {key}: {bad} not in {list(allowed)}")
     if p["judge_mode"] not in ("logprob", "text"):
         raise ProfileError(f"{where}: judge_mode must be 'logprob' or 'text', got {p['judge_mode']!r}")
+    from .sample import EXTRACTIONS
+    if p["extraction"] not in EXTRACTIONS:
+        raise ProfileError(f"{where}: extraction must be one of {list(EXTRACTIONS)}, got {p['extraction']!r}")
     from .judge import BATCH
-    if p["score_modes"] and p["n_samples"] < BATCH:
-        raise ProfileError(f"{where}: n_samples = {p['n_samples']}: the score judge grades {BATCH} answers of one "
-                           f"question per prompt, so score_modes {p['score_modes']} need n_samples >= {BATCH} "
-                           "(or score_modes: [])")
+    if p["score_modes"] and p["n_samples"] % BATCH:
+        raise ProfileError(f"{where}: n_samples = {p['n_samples']}: the score judge grades the samples of a question "
+                           f"in fixed batches of {BATCH}, so score_modes {p['score_modes']} need n_samples divisible "
+                           f"by {BATCH} (or score_modes: [])")
 
 
 def _model(name: str, where: str, get_spec) -> None:

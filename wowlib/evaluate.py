@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,16 +32,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from . import store
+from . import stats, store
 
 log = logging.getLogger(__name__)
 
 N_BINS = 10                     # paper: 10 equal-width bins
-N_RESAMPLES = 2000              # bootstrap resamples (tests use fewer)
-CONFIDENCE_LEVEL = 0.95
-SEED = 0
+N_RESAMPLES, CONFIDENCE_LEVEL, SEED = stats.N_RESAMPLES, stats.CONFIDENCE, stats.SEED
 
 MODEL_METRICS = ("p_wrong", "p_wrong_parsed", "mean_proxy", "accuracy", "ece")
 IMPROVEMENTS = ("delta_p_wrong", "delta_p_wrong_parsed", "delta_mean_proxy", "delta_accuracy",
@@ -344,59 +340,22 @@ def reliability_table(records: Sequence[Mapping], n_bins: int = N_BINS) -> pd.Da
 
 def question_bootstrap(sums: Sequence[np.ndarray], statistic: Callable[[list[np.ndarray]], np.ndarray],
                        n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                       confidence_level: float = CONFIDENCE_LEVEL,
-                       method: str = "percentile") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bootstrap CIs that resample QUESTIONS: (estimate, low, high), one entry per statistic.
+                       confidence_level: float = CONFIDENCE_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bootstrap CIs that resample QUESTIONS (``wowlib.stats.cluster_bootstrap``): (estimate, low,
+    high), one entry per statistic.
 
     ``sums`` are per-question matrices whose rows are the same questions (one per model);
-    ``statistic`` maps their column sums (each (B, columns)) to an array (n_statistics, B).
-
-    Why questions: the N samples of a question share its difficulty, so they are not independent;
-    resampling samples would give intervals that are too narrow. Why this form instead of
-    ``paired=True``: paired=True pairs ELEMENTS of 1-D samples of equal length, but a question
-    is a vector of sums here, and models may be compared on several sums at once. We therefore
-    bootstrap the question INDEX (which is exactly what paired=True does internally) and look up
-    every model's row with the same index, so a resampled question brings both models' samples
-    along. The statistic is exact under ``vectorized=True``: a batch of resamples becomes a
-    (B, questions) multiplicity matrix, and its sums a matrix product.
-
-    ``method`` defaults to "percentile": BCa is undefined for degenerate bootstrap distributions
-    (two identical models, a task with every answer correct), where percentile gives the honest
-    zero-width interval. A resample on which a statistic is undefined (e.g. no wrong answer) makes
-    that statistic's interval NaN rather than silently conditioning on the others.
-    """
+    ``statistic`` maps their weighted column sums (each (B, columns)) to an array (n_statistics, B).
+    A resampled question brings every model's row along (a paired comparison), and its answers
+    with it: the N samples of a question share its difficulty, so resampling samples would give
+    intervals that are too narrow. A resample on which a statistic is undefined (e.g. no wrong
+    answer) makes that statistic's interval NaN."""
     mats = [np.asarray(s, dtype=float) for s in sums]
     n_q = mats[0].shape[0]
     if any(m.shape[0] != n_q for m in mats):
         raise ValueError("per-question sums must have the same questions (rows)")
-    estimate = np.asarray(statistic([m.sum(axis=0, keepdims=True) for m in mats]), dtype=float)[:, 0]
-    nan = np.full_like(estimate, np.nan)
-    if n_q < 2 or n_resamples < 1:
-        return estimate, nan, nan
-
-    def vectorized(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        idx = np.moveaxis(np.asarray(idx), axis, -1)
-        lead, m = idx.shape[:-1], idx.shape[-1]
-        flat = idx.reshape(-1, m)
-        offsets = (np.arange(len(flat)) * n_q)[:, None]
-        counts = np.bincount((flat + offsets).ravel(), minlength=len(flat) * n_q)
-        mult = counts.reshape(len(flat), n_q).astype(float)     # float: BLAS matmul, not int loops
-        out = np.asarray(statistic([mult @ mat for mat in mats]), dtype=float)
-        return out.reshape(out.shape[:1] + lead)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = stats.bootstrap((np.arange(n_q),), vectorized, n_resamples=n_resamples, vectorized=True,
-                                 batch=max(1, min(n_resamples, 4_000_000 // n_q)),
-                                 confidence_level=confidence_level, method=method,
-                                 rng=np.random.default_rng(seed))
-    for w in caught:       # scipy's warning names BCa even for percentile; say what happened instead
-        log.debug("bootstrap: %s", w.message)
-    low = np.asarray(result.confidence_interval.low, dtype=float).reshape(estimate.shape)
-    high = np.asarray(result.confidence_interval.high, dtype=float).reshape(estimate.shape)
-    undefined = np.isnan(result.bootstrap_distribution).any(axis=-1).reshape(estimate.shape)
-    low, high = np.where(undefined, np.nan, low), np.where(undefined, np.nan, high)
-    return estimate, low, high
+    return stats.cluster_bootstrap(range(n_q), lambda w: statistic([w @ m for m in mats]), n_resamples, seed,
+                                   confidence_level)
 
 
 def _with_ci(names: Sequence[str], estimate: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, float]:
@@ -407,18 +366,18 @@ def _with_ci(names: Sequence[str], estimate: np.ndarray, low: np.ndarray, high: 
 
 
 def metric_cis(data: TaskData, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-               confidence_level: float = CONFIDENCE_LEVEL, method: str = "percentile") -> dict[str, float]:
+               confidence_level: float = CONFIDENCE_LEVEL) -> dict[str, float]:
     """Each model metric with its (unpaired) bootstrap CI over questions: ``name``, ``name_low``,
     ``name_high`` for every name in MODEL_METRICS."""
     def statistic(s: list[np.ndarray]) -> np.ndarray:
         values = _metrics(s[0], data)
         return np.stack([values[k] for k in MODEL_METRICS])
     return _with_ci(MODEL_METRICS, *question_bootstrap([data.sums], statistic, n_resamples, seed,
-                                                       confidence_level, method))
+                                                       confidence_level))
 
 
 def improvements(original: TaskData, aligned: TaskData, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                 confidence_level: float = CONFIDENCE_LEVEL, method: str = "percentile") -> dict[str, float]:
+                 confidence_level: float = CONFIDENCE_LEVEL) -> dict[str, float]:
     """The aligned model's improvements over the original on the questions both answered, each
     positive when the aligned model is better, with paired bootstrap CIs (see question_bootstrap):
 
@@ -447,7 +406,7 @@ def improvements(original: TaskData, aligned: TaskData, n_resamples: int = N_RES
                          mo["ece"] - ma["ece"]])
     row: dict[str, Any] = {"n_questions": len(common), "n_unshared_questions": dropped}
     row.update(_with_ci(IMPROVEMENTS, *question_bootstrap([o.sums, a.sums], statistic, n_resamples, seed,
-                                                          confidence_level, method)))
+                                                          confidence_level)))
     for prefix, d in (("original", o), ("aligned", a)):
         total = d.sums.sum(axis=0)
         row[f"{prefix}_n_samples"] = int(total[_N])
@@ -662,6 +621,8 @@ class EvalConfig:
     temperature: float = 1.0              # paper: 1.0
     max_new_tokens: int = 256
     extract_max_new_tokens: int = 32      # paper: 32, greedy
+    extraction: str = "text"              # "text" | "constrained", as in Phase 1 (wowlib.sample)
+    extraction_fallback: bool = False
     seed: int = 0                         # the same seed for every model: same option orders
     generalisation: Mapping[str, Sequence[str]] | None = None   # train task -> unseen tasks
     task_options: Mapping[str, dict] | None = None
@@ -717,13 +678,15 @@ def answer_items(llm, config: EvalConfig, task, items: Sequence[tuple[str, Any]]
     from itertools import groupby
 
     from .llm.base import Decoding
-    from .sample import answer_questions
+    from .sample import answer_questions, extraction_mode
     decoding = Decoding(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
     extraction = Decoding(temperature=0.0, max_new_tokens=config.extract_max_new_tokens)
+    mode = extraction_mode(llm, config.extraction, config.extraction_fallback)
     records = []
     for split, group in groupby(items, key=lambda item: item[0]):
         questions = task.materialise([q for _, q in group])
-        records += answer_questions(llm, task, questions, config.n_samples, decoding, extraction, config.seed, split)
+        records += answer_questions(llm, task, questions, config.n_samples, decoding, extraction, config.seed, split,
+                                    mode)
     for r in records:
         r["generator"] = label
     return records

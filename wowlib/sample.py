@@ -2,8 +2,17 @@
 
 The paper's protocol: a chain-of-thought prompt, N samples at temperature 1.0 (for multiple
 choice each sample sees the options in its own random order); then the same model is asked
-again, in a second user turn, for the final answer only (greedy, 32 tokens), which a regex
-parses; the answer is mapped back to the ORIGINAL option order and graded by the task's proxy.
+again, in a second user turn, for the final answer only, with the official task instruction
+("... start your answer with 'The total weight is'"); the answer is mapped back to the ORIGINAL
+option order and graded by the task's proxy.
+
+Two extraction modes (``SampleConfig.extraction``):
+- ``text`` (the paper's): the model replies freely (greedy, 32 tokens) and a parser reads only the
+  phrase the instruction asked for (``tasks.base.Parsed``: rules ``letter``, ``phrase``, ``bare``);
+  anything else is ``unparsed``, never a number picked out of free text;
+- ``constrained`` (for small models that do not follow the format): the reply is prefilled with
+  the instruction's opening and continued only with option letters or digits
+  (``wowlib.llm.constrain``): the model's own decision after its reasoning, rule ``constrained``.
 
 The same function answers the test split for evaluation (``wowlib.evaluate``), with an aligned
 model in place of the original.
@@ -34,23 +43,49 @@ class SampleConfig:
     n_samples: int = 10                   # paper: 10
     temperature: float = 1.0              # paper: 1.0
     max_new_tokens: int = 256             # paper: 1024 (the responses are "concise")
-    extract_max_new_tokens: int = 32      # paper: 32, greedy
+    extract_max_new_tokens: int = 32      # paper: 32, greedy (text mode)
     seed: int = 0
     task_options: dict[str, dict] = field(default_factory=dict)   # e.g. {"chess": {"depth": 12}}
+    extraction: str = "text"              # "text" (the paper's) | "constrained" (module docstring)
+    extraction_fallback: bool = False     # constrained on a backend that cannot (an API): text mode
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or (self.n_questions is not None and self.n_questions < 1):
             raise ValueError(f"n_samples and n_questions must be >= 1, got {self.n_samples}, {self.n_questions}")
         if not self.tasks:
             raise ValueError("tasks must name at least one task")
+        check_extraction(self.extraction)
 
     @property
     def decoding(self) -> Decoding:
         return Decoding(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
     @property
-    def extraction(self) -> Decoding:
+    def extraction_decoding(self) -> Decoding:
         return Decoding(temperature=0.0, max_new_tokens=self.extract_max_new_tokens)
+
+
+EXTRACTIONS = ("text", "constrained")
+CONSTRAINED_MAX_TOKENS = 12               # answer tokens after the opening (digits: up to 12)
+TRUNCATION_WARNING = 0.10                 # share of answers stopped by max_new_tokens worth a warning
+
+
+def check_extraction(mode: str) -> None:
+    if mode not in EXTRACTIONS:
+        raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {mode!r}")
+
+
+def extraction_mode(llm, mode: str, fallback: bool = False) -> str:
+    """The mode this backend runs: ``constrained`` needs a backend that can prefill and restrict
+    tokens; otherwise text mode where ``fallback`` allows it (with a warning), else an error."""
+    check_extraction(mode)
+    if mode == "constrained" and not getattr(llm, "supports_constraints", False):
+        if not fallback:
+            raise ValueError(f"{llm.name}: this backend cannot constrain the final answer (extraction="
+                             "'constrained'); use extraction 'text', or allow extraction_fallback")
+        log.warning("%s cannot constrain the final answer: extracting in text mode (extraction_fallback)", llm.name)
+        return "text"
+    return mode
 
 
 def answer_requests(task: Task, questions: Sequence[Question], n_samples: int, decoding: Decoding,
@@ -66,36 +101,47 @@ def answer_requests(task: Task, questions: Sequence[Question], n_samples: int, d
     return requests, meta
 
 
-def extraction_request(task: Task, answer: Request, response: str, decoding: Decoding) -> Request:
-    """The second user turn that asks the model for its final answer only."""
+def extraction_request(task: Task, q: Question, answer: Request, response: str, decoding: Decoding,
+                       mode: str = "text") -> Request:
+    """The second user turn that asks the model for its final answer only; in constrained mode
+    its reply is prefilled with the instruction's opening and restricted to the answer's tokens."""
     messages = answer.message_dicts + [{"role": "assistant", "content": response},
                                        {"role": "user", "content": task.extraction_instruction()}]
+    if mode == "constrained":
+        decoding = Decoding(temperature=0.0, max_new_tokens=min(decoding.max_new_tokens, CONSTRAINED_MAX_TOKENS),
+                            constraint=task.constraint(q))
+        return Request.chat(messages, decoding, answer.sample_idx, answer.seed, prefix=task.answer_phrase)
     return Request.chat(messages, decoding, answer.sample_idx, answer.seed)
 
 
 def answer_questions(llm, task: Task, questions: Sequence[Question], n_samples: int, decoding: Decoding,
-                     extraction: Decoding, seed: int, split: str) -> list[dict]:
-    """Sample, extract and grade: one record per (question, sample) (DESIGN.md section 4).
-    ``llm`` is a CachedLLM, so an interrupted call is resumed, never repeated."""
+                     extraction: Decoding, seed: int, split: str, mode: str = "text") -> list[dict]:
+    """Sample, extract and grade: one record per (question, sample) (the samples contract,
+    docs/design.md). ``llm`` is a CachedLLM, so an interrupted call is resumed, never repeated;
+    ``mode``: the extraction mode this backend runs (``extraction_mode``)."""
+    check_extraction(mode)
     requests, meta = answer_requests(task, questions, n_samples, decoding, seed)
     answers = llm.generate(requests, desc=f"answering {task.name}")
     extractions: list[Completion | None] = [None] * len(answers)
     if task.extract_prompt is not None:
         todo = [k for k, a in enumerate(answers) if a.status == "ok"]
-        ex_requests = [extraction_request(task, requests[k], answers[k].text, extraction) for k in todo]
+        ex_requests = [extraction_request(task, meta[k][0], requests[k], answers[k].text, extraction, mode)
+                       for k in todo]
         for k, completion in zip(todo, llm.generate(ex_requests, desc=f"extracting {task.name}")):
             extractions[k] = completion
-    return [grade(task, q, i, order, requests[k], answers[k], extractions[k], split, llm.name)
+    return [grade(task, q, i, order, requests[k], answers[k], extractions[k], split, llm.name, mode)
             for k, (q, i, order) in enumerate(meta)]
 
 
 def grade(task: Task, q: Question, sample_idx: int, order: list[int] | None, request: Request,
-          answer: Completion, extraction: Completion | None, split: str, generator: str) -> dict[str, Any]:
+          answer: Completion, extraction: Completion | None, split: str, generator: str,
+          mode: str = "text") -> dict[str, Any]:
     record: dict[str, Any] = {
         "task": task.name, "split": split, "question_id": q.qid, "sample_idx": sample_idx,
         "option_order": order, "prompt": request.messages[-1][1], "response": answer.text,
-        "n_tokens": answer.n_tokens, "mean_logprob": answer.mean_logprob,
+        "n_tokens": answer.n_tokens, "mean_logprob": answer.mean_logprob, "finish": answer.finish,
         "extraction": extraction.text if extraction is not None else None,
+        "extraction_mode": mode if extraction is not None else None, "parse_rule": None, "parse_reason": None,
         "answer": None, "proxy": None, "correct": False, "status": "ok", "generator": generator,
     }
     failed = [c for c in (answer, extraction) if c is not None and c.status != "ok"]
@@ -103,10 +149,11 @@ def grade(task: Task, q: Question, sample_idx: int, order: list[int] | None, req
         record.update(status="error", error=failed[0].error)
         return record
     parsed = task.parse(extraction.text if extraction is not None else answer.text, q)
-    if parsed is None:
-        record["status"] = "unparsed"
+    if parsed.value is None:
+        record.update(status="unparsed", parse_reason=parsed.reason)
         return record
-    value = task.to_answer(parsed, order)
+    record["parse_rule"] = "constrained" if mode == "constrained" and extraction is not None else parsed.rule
+    value = task.to_answer(parsed.value, order)
     record["answer"] = int(value) if isinstance(value, float) and value.is_integer() else value
     if task.has_proxy:
         record["proxy"] = task.proxy(q, value)
@@ -128,27 +175,33 @@ def run_sampling(run: store.Run, config: SampleConfig, llm=None) -> list[dict]:
     from .llm.cache import CachedLLM
     from .llm.models import load_llm
     llm = llm if llm is not None else CachedLLM(load_llm(config.generator), run.root / "cache")   # an empty CachedLLM is falsy
+    mode = extraction_mode(llm, config.extraction, config.extraction_fallback)
     summaries = []
     for name in config.tasks:
         task = get_task(name, **config.task_options.get(name, {}))
         questions = task.questions(config.split, config.n_questions)
         records = answer_questions(llm, task, questions, config.n_samples, config.decoding,
-                                   config.extraction, config.seed, config.split)
+                                   config.extraction_decoding, config.seed, config.split, mode)
         path = run.samples(config.generator, name)
         store.write_jsonl(path, records)
         params = {**asdict(config), "tasks": [name], "task_options": config.task_options.get(name, {})}
         store.write_manifest(path.parent, "sample", params, {"generator": llm.key}, [path], entry=name)
         summaries.append(summarise(records))
+        warn_truncation(summaries[-1], config.max_new_tokens)
         log.info("%s/%s: %s", config.generator, name, summaries[-1])
     return summaries
 
 
 def summarise(records: Sequence[dict]) -> dict[str, Any]:
-    """Accuracy, mean confidence, share unparsed and number of WoW pairs of one task's samples."""
+    """Accuracy, mean confidence, share unparsed, share of answers stopped by ``max_new_tokens``
+    (``truncated``), the share parsed by each rule, and the number of WoW pairs of one task's samples."""
+    from collections import Counter
+
     from .elicit import wow_pairs
     n = len(records)
     ok = [r for r in records if r["status"] == "ok"]
     conf = [math.exp(r["mean_logprob"]) for r in records if r.get("mean_logprob") is not None]
+    rules = Counter(r.get("parse_rule") for r in ok)
     return {
         "task": records[0]["task"] if records else None,
         "generator": records[0]["generator"] if records else None,
@@ -157,10 +210,21 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
         "accuracy": sum(bool(r["correct"]) for r in records) / n if n else math.nan,
         "mean_confidence": sum(conf) / len(conf) if conf else math.nan,
         "unparsed": sum(r["status"] == "unparsed" for r in records) / n if n else math.nan,
+        "truncated": sum(r.get("finish") == "length" for r in records) / n if n else math.nan,
         "errors": sum(r["status"] == "error" for r in records),
         "wrong": sum(r["correct"] is False for r in ok),
         "wow_pairs": len(wow_pairs(records)),
+        "parse_rules": {str(k): v for k, v in sorted(rules.items(), key=lambda kv: str(kv[0]))},
     }
+
+
+def warn_truncation(summary: dict[str, Any], max_new_tokens: int) -> None:
+    """A warning when more than ``TRUNCATION_WARNING`` of the answers hit ``max_new_tokens``: their
+    lengths then say little (the heuristic method ties) and training sees cut-off replies."""
+    if summary["samples"] and summary["truncated"] > TRUNCATION_WARNING:
+        log.warning("%s/%s: %.0f%% of the answers stopped at max_new_tokens=%d (more than %.0f%%): raise it",
+                    summary["generator"], summary["task"], 100 * summary["truncated"], max_new_tokens,
+                    100 * TRUNCATION_WARNING)
 
 
 def load_samples(run: store.Run, generator: str, task: str) -> list[dict]:
@@ -216,4 +280,5 @@ def worked_example(records: Sequence[dict]) -> list[dict[str, Any]]:
     rows = sorted(by_question[qid], key=lambda r: (r["status"] != "ok", -(r["proxy"] or 0.0), r["sample_idx"]))
     return [{"sample": r["sample_idx"], "status": r["status"], "answer": r["answer"],
              "proxy": None if r["proxy"] is None else round(r["proxy"], 3), "correct": r["correct"],
+             "final answer": r.get("extraction"), "rule": r.get("parse_rule") or r.get("parse_reason"),
              "response (end)": r["response"][-160:]} for r in rows]

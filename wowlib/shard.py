@@ -251,7 +251,7 @@ def run_sampling_shard(run: store.Run, config, shard: Shard, llm=None, force: bo
     ``samples/<generator>/<task>.shard-<i>-of-<n>.jsonl`` (+ sidecar); returns one summary row per
     task (for this shard's questions). ``llm``: a ``CachedLLM`` (default: the generator behind
     the shard's own cache, ``cache/shard-<i>-of-<n>/``)."""
-    from .sample import answer_questions, summarise
+    from .sample import answer_questions, extraction_mode, summarise
     from .tasks import get_task
     model = _lazy(llm, lambda: _shard_llm(run, shard, config.generator))
     summaries = []
@@ -263,8 +263,9 @@ def run_sampling_shard(run: store.Run, config, shard: Shard, llm=None, force: bo
         records = _completed(path, shard, meta, force)
         if records is None:
             questions = task.materialise(items[slice(*meta["range"])])
+            mode = extraction_mode(model(), config.extraction, config.extraction_fallback) if questions else "text"
             records = answer_questions(model(), task, questions, config.n_samples, config.decoding,
-                                       config.extraction, config.seed, config.split) if questions else []
+                                       config.extraction_decoding, config.seed, config.split, mode) if questions else []
             write_shard(path, shard, records, {**meta, "generator_key": model().key})
         summaries.append({**summarise(records), "shard": shard.tag})
     return summaries

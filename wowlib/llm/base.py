@@ -21,11 +21,27 @@ class Decoding:
     max_new_tokens: int = 512
     top_p: float = 1.0
     min_new_tokens: int = 0          # stop tokens are suppressed before this (benchmarks force lengths)
+    # A constrained final answer (``wowlib.llm.constrain``): "letters:ABCD" or "number[:signed,decimal]";
+    # greedy only, after the request's ``prefix``. None: free text.
+    constraint: str | None = None
 
     def __post_init__(self) -> None:
         if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1
                 or not 0 <= self.min_new_tokens <= self.max_new_tokens):
             raise ValueError(f"invalid decoding parameters {self}")
+        if self.constraint is not None:
+            from .constrain import Constraint
+            Constraint.parse(self.constraint)
+            if not self.greedy:
+                raise ValueError(f"a constrained answer is greedy (temperature 0), got {self}")
+
+    def as_json(self) -> dict:
+        """The parameters as the call cache keys them (a field left at None is left out, so
+        keys written before it existed stay valid)."""
+        d = asdict(self)
+        if d["constraint"] is None:
+            del d["constraint"]
+        return d
 
     @property
     def greedy(self) -> bool:
@@ -41,22 +57,31 @@ class Request:
     decoding: Decoding = Decoding()
     sample_idx: int = 0
     seed: int = 0
+    prefix: str = ""                           # the start of the assistant's reply, given (prefilled)
 
     @classmethod
     def chat(cls, messages: Sequence[Message], decoding: Decoding = Decoding(), sample_idx: int = 0,
-             seed: int = 0) -> Request:
+             seed: int = 0, prefix: str = "") -> Request:
         for m in messages:
             if set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"a message needs exactly 'role' (system/user/assistant) and 'content': {m!r:.80}")
-        return cls(tuple((m["role"], m["content"]) for m in messages), decoding, sample_idx, seed)
+        return cls(tuple((m["role"], m["content"]) for m in messages), decoding, sample_idx, seed, prefix)
 
     @property
     def message_dicts(self) -> list[Message]:
         return [{"role": r, "content": c} for r, c in self.messages]
 
+    @property
+    def prompt_key(self) -> tuple:
+        """What a backend renders: the chat and the prefilled start of the reply."""
+        return (self.messages, self.prefix)
+
     def as_json(self) -> dict:
-        return {"messages": [list(m) for m in self.messages], "decoding": asdict(self.decoding),
-                "sample_idx": self.sample_idx, "seed": self.seed}
+        d = {"messages": [list(m) for m in self.messages], "decoding": self.decoding.as_json(),
+             "sample_idx": self.sample_idx, "seed": self.seed}
+        if self.prefix:
+            d["prefix"] = self.prefix
+        return d
 
 
 @dataclass
@@ -87,6 +112,7 @@ class LLM(Protocol):
 
     name: str       # a short label for tables ("smollm2-135m", "smollm2-135m+dpo-oracle")
     key: str        # identity for the call cache: backend, model id, adapter hash
+    supports_constraints: bool    # answers requests with ``Decoding.constraint`` (and a prefix)
 
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
         """Split request indices into batches; deterministic in the request list."""

@@ -51,6 +51,10 @@ class CachedLLM:
     def key(self) -> str:
         return self.llm.key
 
+    @property
+    def supports_constraints(self) -> bool:
+        return bool(getattr(self.llm, "supports_constraints", False))
+
     def __len__(self) -> int:
         return len(self._done)
 

@@ -46,7 +46,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import decode_kernel, packed
+from . import constrain, decode_kernel, packed
 from .base import Completion, Message, Request, batches_of
 
 log = logging.getLogger(__name__)
@@ -355,6 +355,8 @@ class HFModel:
     """A causal LM from a local directory (or a hub id the user named), optionally with a PEFT
     adapter, answering chat requests."""
 
+    supports_constraints = True
+
     def __init__(self, name: str, path: str | Path, adapter: str | Path | None = None,
                  stop_strings: Sequence[str] = (), options: HFOptions | None = None,
                  model=None, tokenizer=None) -> None:
@@ -394,6 +396,8 @@ class HFModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
         self.stop_strings = tuple(stop_strings)
+        self._classes: constrain.TokenClasses | None = None      # built on the first constrained request
+        self._plans: dict[tuple[str, str], constrain.Plan] = {}
         self.name = name if adapter is None else f"{name}+{Path(adapter).name}"
         self.key = f"hf:{name}" + (f"+adapter:{self.adapter_hash}" if self.adapter_hash else "") + \
                    (":bf16" if dtype == torch.bfloat16 else "") + (":int8" if self.options.int8 else "")
@@ -445,6 +449,37 @@ class HFModel:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return text + prefix
 
+    def _prompt_text(self, request: Request) -> str:
+        """The text a request decodes after: the chat, then its prefilled reply start (for a
+        constrained answer, the opening as ``constrain.plan`` spells it)."""
+        if request.decoding.constraint is None:
+            return self.render(request.message_dicts, request.prefix)
+        return self.render(request.message_dicts, self._answer_plan(request).prefill)
+
+    def _token_classes(self) -> constrain.TokenClasses:
+        if self._classes is None:
+            self._classes = constrain.TokenClasses.of(self.tokenizer)
+        return self._classes
+
+    def _answer_plan(self, request: Request) -> constrain.Plan:
+        """The constrained answer's prefill and first tokens, per (opening, constraint)."""
+        key = (request.prefix, request.decoding.constraint)
+        if key not in self._plans:
+            context = self.render(request.message_dicts)
+            self._plans[key] = constrain.plan(self.tokenizer, self._token_classes(), context, request.prefix,
+                                              constrain.Constraint.parse(request.decoding.constraint))
+        return self._plans[key]
+
+    def _constrained_completion(self, request: Request, state: constrain.RowState, tokens: list[int],
+                                logps: list[float], finish: str) -> Completion:
+        """The whole reply (prefill + answer tokens; a dangling decimal point dropped)."""
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = (self._answer_plan(request).prefill + answer).strip()
+        if state.trailing_point:
+            text = text.removesuffix(".")
+        return Completion(text=text, n_tokens=len(tokens), mean_logprob=sum(logps) / len(logps) if logps else None,
+                          finish=finish, token_logprobs=logps)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -466,15 +501,15 @@ class HFModel:
         are adjacent and land in one batch, where the head is prefilled once; a batch's own-token
         buffer is as wide as its longest own tokens, whatever the prompts' lengths. Otherwise by
         prompt length (identical prompts adjacent), which keeps left padding small."""
-        ids = {r.messages: self.encode(self.render(r.message_dicts)) for r in requests}
-        lengths = [len(ids[r.messages]) for r in requests]
+        ids = {r.prompt_key: self.encode(self._prompt_text(r)) for r in requests}
+        lengths = [len(ids[r.prompt_key]) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.decoding.max_new_tokens, repr(r.decoding)), []).append(i)
-        lead = (lambda i: ids[requests[i].messages]) if self._cascade else (lambda i: -lengths[i])
+        lead = (lambda i: ids[requests[i].prompt_key]) if self._cascade else (lambda i: -lengths[i])
         batches = []
         for (max_new, _), idx in sorted(groups.items()):
-            idx.sort(key=lambda i: (lead(i), requests[i].messages, requests[i].sample_idx))
+            idx.sort(key=lambda i: (lead(i), requests[i].prompt_key, requests[i].sample_idx))
             batch: list[int] = []
             for piece in self._pieces(idx, requests, lengths, max_new):
                 if batch and not self._fits(batch + piece, requests, lengths, max_new):
@@ -491,7 +526,7 @@ class HFModel:
         (a single row that does not fit still makes a piece: it gets a batch of its own)."""
         pieces: list[list[int]] = []
         for k, i in enumerate(idx):
-            same = k > 0 and requests[i].messages == requests[idx[k - 1]].messages
+            same = k > 0 and requests[i].prompt_key == requests[idx[k - 1]].prompt_key
             if same and self._fits(pieces[-1] + [i], requests, lengths, max_new):
                 pieces[-1].append(i)
             else:
@@ -510,8 +545,8 @@ class HFModel:
         share a head (options in another order) count as unshared: an upper bound."""
         rows: dict[tuple, int] = {}
         for i in batch:
-            rows[requests[i].messages] = rows.get(requests[i].messages, 0) + 1
-        length = {requests[i].messages: lengths[i] for i in batch}
+            rows[requests[i].prompt_key] = rows.get(requests[i].prompt_key, 0) + 1
+        length = {requests[i].prompt_key: lengths[i] for i in batch}
         cascade = self._cascade
         shared = {p for p, n in rows.items()
                   if cascade and n > 1 and length[p] - 1 >= self.options.min_shared_prefix}
@@ -533,10 +568,15 @@ class HFModel:
             raise ValueError("a batch must share its decoding parameters (use plan())")
         # Prefill each distinct prompt once (shared heads once per group), then repeat its cache
         # for the rows that decode it.
-        prompts = [r.messages for r in requests]
+        prompts = [r.prompt_key for r in requests]
         unique = list(dict.fromkeys(prompts))
         row_of_unique = torch.tensor([unique.index(p) for p in prompts], device=self.device)
-        ids = [self.encode(self.render([{"role": r, "content": c} for r, c in p])) for p in unique]
+        first = {r.prompt_key: r for r in reversed(requests)}
+        texts = {p: self._prompt_text(first[p]) for p in unique}
+        ids = [self.encode(texts[p]) for p in unique]
+        # constrained answers (greedy, a state machine per row over the answer's tokens)
+        states = [constrain.RowState(self._answer_plan(r), self._token_classes()) for r in requests] \
+            if decoding.constraint is not None else None
         rows = torch.bincount(row_of_unique, minlength=len(unique)).tolist()
         cache, logits, mask, next_pos, cascade = self._prefill(ids, rows, decoding.max_new_tokens)
         extra = {} if cascade is None else {"wowlib_cascade": cascade}
@@ -564,13 +604,23 @@ class HFModel:
         for step in range(decoding.max_new_tokens):
             if step < decoding.min_new_tokens:
                 logits[:, stop] = float("-inf")
-            chosen, picked = self._choose(logits, decoding, [generators[i] for i in active], probs_buf[:len(active)])
-            picked = picked.tolist()
+            if states is None:
+                chosen, picked = self._choose(logits, decoding, [generators[i] for i in active],
+                                              probs_buf[:len(active)])
+                steps = list(zip(chosen.tolist(), picked.tolist()))
+            else:
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                steps = [states[i].step(logprobs[row]) for row, i in enumerate(active)]
+                chosen = torch.tensor([0 if tok is None else tok for tok, _ in steps], device=self.device)
             keep = []
-            for row, (i, tok, lp) in enumerate(zip(active, chosen.tolist(), picked)):
+            for row, (i, (tok, lp)) in enumerate(zip(active, steps)):
+                if tok is None:                     # a constrained answer ended before this token
+                    finish[i] = "stop"
+                    continue
                 tokens[i].append(tok)
                 logps[i].append(lp)
-                if tok in self.stop_ids or self._hit_stop_string(tokens[i]):
+                if tok in self.stop_ids or self._hit_stop_string(tokens[i]) or \
+                        (states is not None and states[i].finished):
                     finish[i] = "stop"
                 else:
                     keep.append(row)
@@ -588,6 +638,9 @@ class HFModel:
                              cache=cache, use_cache=True, **extra)
             logits = logits_buf[:len(active)].copy_(out.logits[:, -1, :])
             next_pos = next_pos + 1
+        if states is not None:
+            return [self._constrained_completion(requests[i], states[i], tokens[i], logps[i], finish[i])
+                    for i in range(n)]
         return [self._completion(tokens[i], logps[i], finish[i]) for i in range(n)]
 
     def _prefill(self, ids: list[list[int]], rows: list[int], max_new: int, keep: int = 1):

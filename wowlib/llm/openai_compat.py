@@ -49,6 +49,10 @@ class MalformedResponse(ValueError):
 class OpenAIChat:
     """Chat completions from an OpenAI-compatible server, one HTTP call per request."""
 
+    # A chat API can neither prefill the assistant's reply nor restrict its tokens: constrained
+    # final answers need a local backend (``SampleConfig.extraction_fallback`` allows text mode).
+    supports_constraints = False
+
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0,
                  concurrency: int = 4, logprobs: bool = True) -> None:
@@ -112,6 +116,9 @@ class OpenAIChat:
     def payload(self, request: Request) -> dict[str, Any]:
         """The JSON body for one request."""
         d = request.decoding
+        if d.constraint is not None or request.prefix:
+            raise ValueError(f"{self.name} (OpenAI-compatible API) cannot prefill a reply or constrain its "
+                             "tokens: use extraction 'text' for API models")
         body: dict[str, Any] = {"model": self.model, "messages": request.message_dicts,
                                 "temperature": d.temperature, "top_p": d.top_p,
                                 "max_tokens": d.max_new_tokens, "seed": request_seed(request)}

@@ -53,7 +53,7 @@ def base_seed(request: Request) -> int:
 
 
 def _prompt_key(request: Request) -> tuple:
-    return (request.messages, request.decoding, request.seed)
+    return (request.messages, request.prefix, request.decoding, request.seed)
 
 
 def sample_groups(requests: Sequence[Request]) -> list[list[int]]:
@@ -96,7 +96,22 @@ def sampling_kwargs(group: Sequence[Request], stop_strings: Sequence[str] = ()) 
     }
     if stop_strings:
         kwargs["stop"] = list(stop_strings)
+    if d.constraint is not None:
+        kwargs["regex"] = constraint_regex(d.constraint, d.max_new_tokens)
     return kwargs
+
+
+def constraint_regex(spec: str, max_tokens: int) -> str:
+    """The answer a constrained request may produce after its prefilled opening, as a regex for
+    vLLM's guided decoding: " B" (one of the letters) or " 42" / " -4.5" (where allowed). vLLM
+    restricts every step to the regex and lets the model end where the regex may end; the hf
+    backend's rule (stop at the first non-digit the model prefers) differs only in that an ended
+    answer there is the model's own preference over ALL tokens."""
+    from .constrain import LETTERS_KIND, Constraint
+    c = Constraint.parse(spec)
+    if c.kind == LETTERS_KIND:
+        return f" ?[{c.letters}]"
+    return " ?" + ("-?" if c.signed else "") + rf"\d{{1,{max_tokens}}}" + (r"(\.\d+)?" if c.decimal else "")
 
 
 def scoring_kwargs() -> dict[str, Any]:
@@ -254,6 +269,8 @@ class VLLMModel:
         self.name = name if adapter is None else f"{name}+{Path(adapter).name}"
         self.key = f"vllm:{name}" + (f"+adapter:{self.adapter_hash}" if self.adapter_hash else "")
 
+    supports_constraints = True          # by guided decoding (``constraint_regex``)
+
     # ------------------------------------------------------------------ prompts (as in hf)
     def render(self, messages: Sequence[Message], prefix: str = "") -> str:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -264,8 +281,22 @@ class VLLMModel:
 
     def _run(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[Any]:
         return self.engine.generate([{"prompt_token_ids": p} for p in prompts],
-                                    [self._api.SamplingParams(**k) for k in params], use_tqdm=False,
+                                    [self._sampling_params(k) for k in params], use_tqdm=False,
                                     lora_request=self.lora_request)
+
+    def _sampling_params(self, kwargs: dict[str, Any]):
+        """``SamplingParams``, with a constrained answer's regex as guided decoding (vLLM >= 0.11
+        names it ``structured_outputs``, earlier versions ``guided_decoding``). Not run here (no GPU)."""
+        kwargs = dict(kwargs)
+        regex = kwargs.pop("regex", None)
+        if regex is not None:
+            try:
+                from vllm.sampling_params import StructuredOutputsParams
+                kwargs["structured_outputs"] = StructuredOutputsParams(regex=regex)
+            except ImportError:
+                from vllm.sampling_params import GuidedDecodingParams
+                kwargs["guided_decoding"] = GuidedDecodingParams(regex=regex)
+        return self._api.SamplingParams(**kwargs)
 
     # ------------------------------------------------------------------ protocol
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
@@ -287,7 +318,7 @@ class VLLMModel:
         groups = sample_groups(requests)
         out: list[Completion | None] = [None] * len(requests)
         try:
-            prompts = [self.encode(self.render(requests[g[0]].message_dicts)) for g in groups]
+            prompts = [self.encode(self.render(requests[g[0]].message_dicts, requests[g[0]].prefix)) for g in groups]
             params = [sampling_kwargs([requests[i] for i in g], self.stop_strings) for g in groups]
             results = self._run(prompts, params)
             if len(results) != len(groups):
