@@ -1,11 +1,18 @@
 """The test model: a tiny Llama built from a config, with a byte-level BPE tokenizer trained
 in-process, then taught the *formats* of the pipeline for a few hundred steps on synthetic
-chats (answer "... The answer is C.", reply to the extraction turn with the letter or number,
-end a judgment with "Preferred output: 2." or five "Score: n" lines).
+chats (answer "... The answer is C.", reply to the extraction turn with the letter or with the
+instruction's opening and a number, "The total weight is 12.", end a judgment with "Preferred
+output: 2." or five "Response k: ... Score: n" lines).
 
 It knows nothing about the tasks: its answers are random but parseable, which is exactly what the
-tests need to drive every stage (WoW pairs, judgments, preferences, training) in seconds. Built
-once per machine into the cache directory (about 20 s), keyed by its spec.
+tests need to drive every stage (WoW pairs, judgments, preferences, training) in seconds.
+
+It SHIPS with the package (``wowlib/llm/tiny_model/``, ~0.7 MB): training it is floating-point
+work whose result differs in the last bits from one CPU to another (AVX2, AVX-512, AMX), and a
+few hundred optimiser steps turn those bits into a different model, with different answers. A
+model built on each machine made the tests pass on one CPU and fail on another; the shipped
+weights are the same everywhere. ``python -m wowlib.llm.tiny`` rebuilds it (after changing
+``SPEC`` or the formats); a test checks that the shipped files match ``SPEC``.
 """
 from __future__ import annotations
 
@@ -17,12 +24,12 @@ import shutil
 from pathlib import Path
 
 from .. import paths
-from ..store import content_hash, file_lock
+from ..store import file_lock
 
 log = logging.getLogger(__name__)
 
 SPEC = {
-    "version": 3,
+    "version": 4,
     "vocab_size": 1024,
     "hidden_size": 64,
     "intermediate_size": 192,
@@ -30,7 +37,7 @@ SPEC = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
-    "train_steps": 300,
+    "train_steps": 2000,
     "seed": 0,
 }
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -41,13 +48,26 @@ CHAT_TEMPLATE = (
 WORDS = ["the", "first", "option", "is", "wrong", "because", "the", "graph", "edge", "weight", "node", "path", "flow", "blank", "constraint", "move", "position", "so", "we", "check", "each", "step", "then", "compare", "values", "and", "pick", "the", "best", "one", "answer", "total", "sum", "capacity", "applicant", "job", "knowledge", "person", "film", "award", "prize", "city", "river"]
 
 
+SHIPPED = Path(__file__).resolve().parent / "tiny_model"
+
+
 def tiny_model_dir() -> Path:
-    """The built tiny model (building it on first use)."""
-    target = paths.cache_dir() / "models" / f"tiny-{content_hash(SPEC)}"
-    if not (target / "config.json").exists():
-        with file_lock(target.with_name(target.name + ".lock")):
-            if not (target / "config.json").exists():      # built while we waited
-                _build(target)
+    """The shipped tiny model; an error if its files do not match ``SPEC`` (rebuild it)."""
+    spec_file = SHIPPED / "wowlib_spec.json"
+    if not spec_file.exists():
+        raise FileNotFoundError(f"the tiny test model is missing from {SHIPPED}: rebuild it with "
+                                "python -m wowlib.llm.tiny (or reinstall the package)")
+    shipped = json.loads(spec_file.read_text())
+    if shipped != SPEC:
+        raise RuntimeError(f"{SHIPPED} was built from another spec ({shipped}) than wowlib.llm.tiny.SPEC "
+                           f"({SPEC}): rebuild it with python -m wowlib.llm.tiny")
+    return SHIPPED
+
+
+def rebuild(target: Path = SHIPPED) -> Path:
+    """Train the tiny model from ``SPEC`` into ``target`` (the shipped folder by default)."""
+    with file_lock(paths.cache_dir() / "tiny-build.lock"):
+        _build(target)
     return target
 
 
@@ -75,6 +95,7 @@ def _build(target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     (tmp / "wowlib_spec.json").write_text(json.dumps(SPEC, indent=1))
     target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
 
@@ -102,7 +123,7 @@ def _synthetic_chat(rng: random.Random) -> list[dict]:
     """One chat in one of the pipeline's formats, with random content."""
     from ..tasks import nlgraph
     cot = paths.prompt_text("cot")
-    kind = rng.choice(["mc", "mc", "number", "pairwise", "score"])
+    kind = rng.choice(["mc", "mc", "number", "number", "number", "pairwise", "score"])
     if kind == "mc":
         n = rng.choice([4, 4, 4, 10])
         options = "".join(f"{chr(65 + i)}. {_filler(rng, 1, 8)}\n" for i in range(n))
@@ -117,11 +138,16 @@ def _synthetic_chat(rng: random.Random) -> list[dict]:
         item = nlgraph.generate_problems(task, 1, rng.choice(["easy", "hard"]), rng.randrange(10**6))["0"]
         value = str(rng.randint(0, 30))
         answer = f"{_filler(rng, 5, 40)}. The answer is {value}."
-        extract = rng.choice(["extract_shortest_path", "extract_maximum_flow", "extract_matching"])
-        return [{"role": "user", "content": cot + "Question: " + item["question"][:-3]},
+        extract, opening = {"nlgraph_shortest_path": ("extract_shortest_path", "The total weight is"),
+                            "nlgraph_flow": ("extract_maximum_flow", "The maximum flow is"),
+                            "nlgraph_matching": ("extract_matching", "The maximum number of matches is")}[task]
+        # half of the questions short: the format to learn is to COPY the answer's number into the
+        # extraction reply, and short chats teach it in fewer (and faster) steps
+        question = item["question"][:-3] if rng.random() < 0.5 else _filler(rng, 10, 40)
+        return [{"role": "user", "content": cot + "Question: " + question},
                 {"role": "assistant", "content": answer},
                 {"role": "user", "content": paths.prompt_text(extract)},
-                {"role": "assistant", "content": value}]
+                {"role": "assistant", "content": f"{opening} {value}."}]
     if kind == "pairwise":
         prompt = paths.prompt_text("judge_pairwise").format(
             instruction=_filler(rng, 10, 60), output_1=_filler(rng, 10, 80), output_2=_filler(rng, 10, 80))
@@ -166,3 +192,8 @@ def _teach_formats(model, tokenizer, chats: list[list[dict]]) -> None:
         if step % 100 == 0 or step == SPEC["train_steps"] - 1:
             log.info("tiny model step %d: loss %.3f", step, loss.item())
     model.eval()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(rebuild())
