@@ -73,8 +73,26 @@ def test_rerun_reuses_everything_and_changes_nothing(smoke) -> None:
     assert not changed, f"a rerun changed {changed}"
 
 
-def test_a_failing_stage_is_named(tmp_path) -> None:
+def test_missing_data_stops_before_any_notebook(tmp_path) -> None:
     result, _ = _run_all(tmp_path, "smoke", WOW_DATA_DIR=str(tmp_path / "no-data"))
+    assert result.returncode != 0
+    assert "knowledge_crosswords/MC_medi.jsonl" in result.stdout + result.stderr
+    assert "python -m wowlib.data fetch" in result.stdout + result.stderr
+    assert "01_sample_wrong ..." not in result.stdout
+
+
+def test_a_failing_stage_is_named(tmp_path) -> None:
+    """Another process holds the run directory: notebook 01 cannot write, and run_all.sh names the
+    notebook that failed (its executed copy keeps the error)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, wowlib.store as s\n"
+        f"with s.Run(__import__('pathlib').Path({str(tmp_path / 'smoke')!r})).writer('sample'):\n"
+        "    print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result, _ = _run_all(tmp_path, "smoke")
+    finally:
+        holder.kill()
     assert result.returncode != 0
     assert "FAILED in notebooks/01_sample_wrong.ipynb" in result.stderr
 
