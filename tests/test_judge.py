@@ -161,24 +161,26 @@ def test_judge_pairwise_with_tiny_model(tiny, tmp_path, data_dir):
     assert len(loaded) == len(records + lp) and all(r in loaded for r in records + lp)
     methods = {r["method"] for r in elicit.elicitation_rows(samples, pairwise=judge.load_judgments(run, "pairwise"))}
     assert {"pairwise", "pairwise_logprob"} <= methods
-    # a consistent variant has a row exactly when some pair survived the swap check
-    assert ("pairwise_logprob_consistent" in methods) == any(elicit.is_swap_consistent(r) for r in lp)
+    # the swap-checked variant always has a row; its pairs are those that survived the swap
+    rows = elicit.elicitation_rows(samples, pairwise=lp)
+    [checked] = [r for r in rows if r["method"] == "pairwise_logprob_consistent" and r["margin"] == 1.0]
+    assert checked["n_pairs"] == sum(map(elicit.is_swap_consistent, lp))
 
 
 def test_judge_scores_with_tiny_model(tiny, tmp_path, data_dir):
     from wowlib.llm.cache import CachedLLM
     run = store.Run(tmp_path / "run")
-    samples = kc_samples(1, 7)                # 6 valid responses: one batch of 5, one left over
+    samples = kc_samples(1, 7)                # 7 responses (one unparsed): samples 0-4, then 2 left over
     cached = CachedLLM(tiny, run.root / "cache")
     records = judge.judge_scores(cached, run, "gen", "tiny", "kc", samples, max_new_tokens=64)
     path = run.judgments("gen", "tiny", "kc", "score")
     assert store.read_jsonl(path) == records and len(records) == 1
     [r] = records
-    assert len(r["samples"]) == 5 and len(set(r["samples"])) == 5 and 1 not in r["samples"]   # 1: unparsed
+    assert r["samples"] == [0, 1, 2, 3, 4]          # fixed batches of five, the unparsed sample 1 included
     assert r["status"] in ("ok", "missing", "extra", "out_of_range", "ambiguous", "duplicate", "mislabeled")
     assert (r["scores"] is not None) == (r["status"] == "ok")
     manifest = store.read_json(path.parent / "manifest.json")
-    assert manifest["params"]["kc.score"]["stats"]["leftover_unscored"] == 1
+    assert manifest["params"]["kc.score"]["stats"]["leftover_unscored"] == 2
     again = CachedLLM(tiny, run.root / "cache")
     assert judge.judge_scores(again, run, "gen", "tiny", "kc", samples, max_new_tokens=64) == records
     assert again.stats["computed"] == 0
@@ -187,7 +189,7 @@ def test_judge_scores_with_tiny_model(tiny, tmp_path, data_dir):
     lp = judge.judge_scores(counting, run, "gen", "tiny", "kc", samples, mode="logprob")
     assert counting.calls == 5                                  # one per response position
     assert lp[0]["status"] == "ok" and all(0 <= x <= 5 for x in lp[0]["scores"])
-    assert lp[0]["samples"] == r["samples"]                     # same seeded batches in both modes
+    assert lp[0]["samples"] == r["samples"]                     # the same batches in both modes
     assert judge.judge_scores(counting, run, "gen", "tiny", "kc", samples, mode="logprob") == lp
     assert counting.calls == 5
 
