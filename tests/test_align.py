@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import os
 import shutil
@@ -40,8 +41,8 @@ def toy_prefs(n: int = 16, offset: int = 0) -> list[dict]:
 
 def toy_config(trainer: str, **changes) -> AlignConfig:
     """Fast enough to move in a few steps: lr 5e-3, 2 epochs, no warmup, every step logged."""
-    return AlignConfig(trainer=trainer, learning_rate=5e-3, num_train_epochs=2, warmup_ratio=0.0,
-                       logging_steps=1, max_length=256, device="cpu", **changes)
+    return AlignConfig(**{"trainer": trainer, "learning_rate": 5e-3, "num_train_epochs": 2, "warmup_ratio": 0.0,
+                          "logging_steps": 1, "max_length": 256, "device": "cpu", "precision": "fp32", **changes})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -230,7 +231,7 @@ def test_build_trainer_wiring(runs, trainer, cls):
     from peft import PeftModel
     _, built = runs(trainer)
     args = built.args
-    assert type(built).__name__ == cls
+    assert cls in [k.__name__ for k in type(built).__mro__]     # DPO: trl's class, reference shared
     assert isinstance(built.model, PeftModel)
     lora = built.model.peft_config["default"]
     assert (lora.r, lora.lora_alpha) == (16, 16) and set(lora.target_modules) == set(align.PROJECTIONS)
@@ -545,3 +546,45 @@ def test_quantised_loading_is_a_gpu_option_and_leaves_old_keys_alone(tiny_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             align.build_trainer(AlignConfig(quantization="4bit"), tiny_dir, toy_prefs())
+
+
+# ---------------------------------------------------------------------------- precision and shared reference
+
+def test_bf16_autocast_path_trains_on_every_cpu(tiny_dir, tmp_path):
+    """Forced, not chosen by the CPU: bf16 autocast (emulated where the CPU has no bf16) learns the
+    toy preference as fp32 does, and says so in its log and its key."""
+    out = align.train(toy_config("dpo", precision="bf16"), tiny_dir, toy_prefs(), tmp_path / "bf16")
+    log_ = align.read_log(out)
+    margins = align.history(log_, "rewards/margins")
+    assert log_["precision"] == "bf16" and margins[-1] > margins[0] + 0.2 and margins[-1] > 0
+    assert align.run_key(toy_config("dpo", precision="bf16"), tiny_dir, toy_prefs()) != \
+        align.run_key(toy_config("dpo"), tiny_dir, toy_prefs())
+
+
+def test_reference_log_probs_are_computed_once_per_preference_set(tiny_dir, tmp_path, monkeypatch):
+    """A second configuration (another lr, another DPO-family loss) on the same pairs reads the
+    reference log-probs the first one computed: the same numbers, no second reference pass. A pair
+    trl drops for its length keeps the others aligned."""
+    from trl import DPOTrainer
+    cache = align.ReferenceCache(tmp_path / ".reference")
+    prefs = toy_prefs(8) + [dict(toy_prefs(1, 900)[0], prompt="word " * 400)]      # the last: too long
+    first = align.train(toy_config("dpo"), tiny_dir, prefs, tmp_path / "a", reference_cache=cache)
+    computed = align.read_log(first)
+    assert computed["reference"] == "computed" and computed["n_pairs_trained"] == 8
+    [stored] = list((tmp_path / ".reference").glob("*.json"))
+    passes = []
+    original = DPOTrainer._precompute_ref_logps
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps",
+                        lambda self, *a: passes.append(1) or original(self, *a))
+    build, built = align.build_trainer, []
+    monkeypatch.setattr(align, "build_trainer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    for trainer, lr in (("dpo", 1e-3), ("ipo", 5e-3)):
+        built.clear()
+        out = align.train(toy_config(trainer, learning_rate=lr), tiny_dir, prefs, tmp_path / f"{trainer}{lr}",
+                          reference_cache=cache)
+        assert align.read_log(out)["reference"] == "reused" and not passes
+        got = align.reference_logps(built[0], len(prefs))
+        expected = store.read_json(stored)["logps"]
+        assert got[:8] == [tuple(v) for v in expected[:8]] and all(math.isnan(v) for v in expected[8])
+    fp32 = align.ReferenceCache(tmp_path).key(toy_config("dpo"), tiny_dir, prefs)
+    assert fp32 != align.ReferenceCache(tmp_path).key(toy_config("dpo", precision="bf16"), tiny_dir, prefs)

@@ -40,6 +40,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -65,7 +66,8 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LOG_FILE = "train_log.json"
 RESULT_NEUTRAL = ("activation_checkpointing",)     # AlignConfig fields that change cost, not the adapter
-ADDED_LATER = {"quantization": None}   # left out of the key at these defaults: older runs keep theirs
+ADDED_LATER = {"quantization": None, "precision": "auto"}   # left out of the key at these defaults
+PRECISIONS = ("auto", "bf16", "fp32")
 QUANTIZATIONS = (None, "4bit", "8bit")
 
 
@@ -104,6 +106,11 @@ class AlignConfig:
     # "4bit" (NF4, QLoRA: what the paper trained) or "8bit": the base model loaded quantised by
     # bitsandbytes (pip install -e '.[gpu]'), on a CUDA GPU only; None: bf16 on a GPU, fp32 on CPU.
     quantization: str | None = None
+    # Arithmetic of the forward and backward passes: "bf16" (autocast: matmuls in bf16, the LoRA
+    # master weights, optimiser state and loss in fp32), "fp32", or "auto": bf16 where the hardware
+    # multiplies bf16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else fp32.
+    # The resolved precision is part of the run's key (``run_key``): it changes the adapter's bits.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -170,6 +177,8 @@ def _problems(c: AlignConfig) -> Iterable[str]:
         yield f"simpo_gamma: must be >= 0, got {c.simpo_gamma!r}"
     if c.device not in ("auto", "cpu", "cuda"):
         yield f"device: must be 'auto', 'cpu' or 'cuda', got {c.device!r}"
+    if c.precision not in PRECISIONS:
+        yield f"precision: must be one of {PRECISIONS}, got {c.precision!r}"
     if c.quantization not in QUANTIZATIONS:
         yield f"quantization: must be one of {QUANTIZATIONS}, got {c.quantization!r}"
     if c.quantization is not None and c.device == "cpu":
@@ -273,6 +282,29 @@ def resolve_device(config: AlignConfig) -> str:
     return config.device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32."""
+    import torch
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_precision(config: AlignConfig, device: str | None = None) -> str:
+    """"bf16" or "fp32" for ``config`` on ``device`` (see ``AlignConfig.precision``)."""
+    import torch
+    device = device or resolve_device(config)
+    supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_bf16()
+    if config.precision == "auto":
+        return "bf16" if supported else "fp32"
+    if config.precision == "bf16" and not supported:
+        log.warning("AlignConfig.precision='bf16': this %s has no bf16 arithmetic, so it is emulated (slower than "
+                    "fp32); 'auto' would choose fp32", device)
+    return config.precision
+
+
 def quantization_config(kind: str | None, bf16: bool):
     """transformers' ``BitsAndBytesConfig`` for ``AlignConfig.quantization`` (None: no quantisation).
     4-bit is the QLoRA recipe: NF4 weights, double quantisation, bf16 (or fp16) compute."""
@@ -299,12 +331,16 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Iterable[dict] | Any,
-                  eval_dataset: Iterable[dict] | Any | None = None, output_dir: str | Path | None = None):
+                  eval_dataset: Iterable[dict] | Any | None = None, output_dir: str | Path | None = None,
+                  reference: Sequence[tuple[float, float]] | None = None):
     """A ready trl trainer for ``config`` (the only place trl's API is touched).
 
     ``train_dataset``/``eval_dataset``: preference records (list of dicts or a Dataset with at
     least prompt/chosen/rejected); they are converted to the trainer's conversational form.
     ``output_dir`` only receives trl's scratch files: nothing is saved during training.
+    ``reference``: the reference model's (chosen, rejected) log-probs of each training pair,
+    computed before for the same data, base model, max_length and precision (``ReferenceCache``):
+    a DPO-family trainer then skips its own reference pass.
     """
     import tempfile
 
@@ -313,7 +349,7 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
     from transformers import AutoModelForCausalLM, set_seed
 
     device = resolve_device(config)
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = resolve_precision(config, device) == "bf16"
     if output_dir is None:
         output_dir = tempfile.mkdtemp(prefix="wowlib-align-")
     set_seed(config.seed)
@@ -322,7 +358,9 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
         raise ValueError(f"AlignConfig.quantization={config.quantization!r}: 4-bit/8-bit loading (bitsandbytes) "
                          "needs a CUDA GPU; on a CPU train the plain model (quantization=None)")
     quantized = quantization_config(config.quantization, bf16)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16 if bf16 else torch.float32,
+    # on a GPU the weights are bf16 (as the paper trained); on a CPU they stay fp32 and bf16 is autocast
+    gpu_bf16 = bf16 and device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16 if gpu_bf16 else torch.float32,
                                                  quantization_config=quantized)
     if quantized is not None:
         from peft import prepare_model_for_kbit_training
@@ -334,6 +372,14 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
                              target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
     train_ds = to_dataset(train_dataset, config.trainer, tokenizer)
     eval_ds = to_dataset(eval_dataset, config.trainer, tokenizer) if eval_dataset is not None else None
+    if config.trainer in DPO_LOSSES:
+        # each pair's index survives trl's tokenising and its length filter: reference values stay aligned
+        train_ds = train_ds.add_column("pair_index", list(range(len(train_ds))))
+        if reference is not None and config.precompute_ref_log_probs:
+            if len(reference) != len(train_ds):
+                raise ValueError(f"reference log-probs for {len(reference)} pairs, but {len(train_ds)} pairs to train")
+            train_ds = train_ds.add_column("ref_chosen_logps", [float(c) for c, _ in reference])
+            train_ds = train_ds.add_column("ref_rejected_logps", [float(r) for _, r in reference])
     common = {
         "output_dir": str(output_dir), "seed": config.seed, "data_seed": config.seed,
         "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
@@ -352,11 +398,11 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
     kwargs = {"model": model, "train_dataset": train_ds, "eval_dataset": eval_ds, "processing_class": tokenizer,
                   "peft_config": peft_config}
     if config.trainer in DPO_LOSSES:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
         args = DPOConfig(**common, beta=config.beta, loss_type=[DPO_LOSSES[config.trainer]],
                          precompute_ref_log_probs=config.precompute_ref_log_probs,
                          precompute_ref_batch_size=config.precompute_ref_batch_size)
-        return _quiet_progress(DPOTrainer(ref_model=None, args=args, **kwargs))
+        return _quiet_progress(_dpo_trainer_class()(ref_model=None, args=args, **kwargs))
     if config.trainer in ("cpo", "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         loss = {"cpo": {"loss_type": "sigmoid", "cpo_alpha": config.cpo_alpha},
@@ -369,6 +415,32 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
         return _quiet_progress(ORPOTrainer(args=args, **kwargs))
     from trl import SFTConfig, SFTTrainer
     return _quiet_progress(SFTTrainer(args=SFTConfig(**common), **kwargs))
+
+
+def _dpo_trainer_class():
+    """trl's DPOTrainer, except that a training set that already carries the reference log-probs
+    (``build_trainer(reference=...)``) is taken as it is instead of computed again."""
+    from trl import DPOTrainer
+
+    class SharedReferenceDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if "ref_chosen_logps" in dataset.column_names:
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    return SharedReferenceDPOTrainer
+
+
+def reference_logps(trainer, n_pairs: int) -> list[tuple[float, float]] | None:
+    """The (chosen, rejected) reference log-probs a DPO-family trainer precomputed, one per pair
+    given to ``build_trainer`` (NaN for a pair trl dropped for its length); None without them."""
+    data = trainer.train_dataset
+    if data is None or not {"ref_chosen_logps", "pair_index"} <= set(data.column_names):
+        return None
+    out = [(math.nan, math.nan)] * n_pairs
+    for k, c, r in zip(data["pair_index"], data["ref_chosen_logps"], data["ref_rejected_logps"]):
+        out[int(k)] = (float(c), float(r))
+    return out
 
 
 def _quiet_progress(trainer):
@@ -428,9 +500,45 @@ def portable_model_name(model_dir: str | Path, name: str | Path | None = None) -
 
 
 def run_key(config: AlignConfig, model_dir: str | Path, prefs: Any) -> str:
-    """The content key of a training run: config + data + base model."""
-    return store.content_hash({"config": config.identity(), "data": data_hash(prefs),
-                               "base_model": model_identity(model_dir)})
+    """The content key of a training run: config + data + base model (+ the resolved precision
+    where it is not fp32: runs from before the setting keep their key)."""
+    content = {"config": config.identity(), "data": data_hash(prefs), "base_model": model_identity(model_dir)}
+    precision = resolve_precision(config)
+    if precision != "fp32":
+        content["precision"] = precision
+    return store.content_hash(content)
+
+
+class ReferenceCache:
+    """The reference model's log-probs of a preference set's pairs, computed once and reused by every
+    DPO-family trainer and grid configuration that trains on the same data (the reference is the
+    base model whatever the loss or the learning rate). A file per (data, base model, max_length,
+    precision) in ``directory``; pairs trl drops for length are never in it (it is keyed by pair)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def key(self, config: AlignConfig, model_dir: str | Path, prefs: Any) -> str:
+        return store.content_hash({"data": data_hash(prefs), "base_model": model_identity(model_dir),
+                                   "max_length": config.max_length, "precision": resolve_precision(config),
+                                   "device": resolve_device(config)})
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str, n_pairs: int) -> list[tuple[float, float]] | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            values = [tuple(v) for v in store.read_json(path)["logps"]]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable reference log-probs, computing them again", path)
+            return None
+        return values if len(values) == n_pairs else None
+
+    def put(self, key: str, values: Sequence[tuple[float, float]]) -> None:
+        store.write_json(self.path(key), {"logps": [list(v) for v in values]})
 
 
 # ---------------------------------------------------------------------------- adapter integrity
@@ -566,7 +674,7 @@ def _upgrade_log(out_dir: Path, base_name: str) -> None:
 
 def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, out_dir: Path,
           eval_prefs: list[dict] | Any | None = None, base_model: str | None = None,
-          overwrite: bool | None = None) -> Path:
+          overwrite: bool | None = None, reference_cache: ReferenceCache | None = None) -> Path:
     """Train a LoRA adapter and save it (adapter files + ``train_log.json``) into ``out_dir``.
 
     Skips training when ``out_dir`` already holds a complete run with the same key (config, data,
@@ -578,6 +686,8 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
     model or a hub id; default: derived from ``model_dir`` without machine paths). Replacing a
     complete run made with other settings (config, base model) raises ``store.OverwriteError``
     unless ``overwrite=True`` (or ``WOW_OVERWRITE=1``); new data is not a setting: it retrains.
+    ``reference_cache``: where a DPO-family trainer finds (or leaves) the reference log-probs of
+    these pairs, so that other configurations on the same data skip that pass.
     """
     out_dir = Path(out_dir)
     store.remove_stale_tmp(out_dir.parent)
@@ -598,7 +708,12 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
     try:
         log.info("training %s on %d pairs from %s -> %s", config.tag, n_pairs, base_name, out_dir)
         start = time.perf_counter()
-        trainer = build_trainer(config, model_dir, prefs, eval_prefs, output_dir=tmp / "_trainer")
+        shares = reference_cache is not None and config.trainer in DPO_LOSSES and config.precompute_ref_log_probs
+        ref_key = reference_cache.key(config, model_dir, prefs) if shares else None
+        reference = reference_cache.get(ref_key, n_pairs) if shares else None
+        trainer = build_trainer(config, model_dir, prefs, eval_prefs, output_dir=tmp / "_trainer", reference=reference)
+        if shares and reference is None and (computed := reference_logps(trainer, n_pairs)) is not None:
+            reference_cache.put(ref_key, computed)
         n_used = len(trainer.train_dataset)
         if n_used < n_pairs:    # trl drops pairs whose prompt alone fills max_length
             log.warning("%s: %d of %d pairs dropped by the trainer (prompt longer than max_length=%s)",
@@ -620,7 +735,8 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
             "key": key, "config": config.to_dict(), "base_model": base_name,
             "base_model_identity": model_identity(model_dir), "data_hash": data_hash(prefs), "n_pairs": n_pairs, "n_pairs_trained": n_used,
             "n_eval_pairs": len(pair_records(eval_prefs)) if eval_prefs is not None else 0,
-            "device": resolve_device(config), "torch_threads": _torch_threads(),
+            "device": resolve_device(config), "precision": resolve_precision(config), "torch_threads": _torch_threads(),
+            "reference": "reused" if reference is not None else "computed" if config.trainer in DPO_LOSSES else None,
             "global_steps": state.global_step, "pairs_seen": pairs_seen,
             "train_seconds": round(train_seconds, 3), "wall_seconds": round(time.perf_counter() - start, 3),
             "seconds_per_pair": round(train_seconds / max(pairs_seen, 1), 4),
@@ -717,10 +833,12 @@ def _run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob]) ->
     from .llm.models import model_path
     from .prefs import load
     model_dir = model_path(base_model)
+    references = ReferenceCache(run.root / "models" / ".reference")
     rows = []
     for k, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s", k, len(jobs), job.model)
-        out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model), base_model=base_model)
+        out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model), base_model=base_model,
+                    reference_cache=references)
         train_log = read_log(out)
         margins, accuracies = history(train_log, "rewards/margins"), history(train_log, "rewards/accuracies")
         rows.append({**job_metadata(run, job), "base_model": base_model, "n_pairs": train_log["n_pairs"],
