@@ -30,3 +30,20 @@ def tiny_dir() -> Path:
     """The tiny test model (built once per machine into the cache directory)."""
     from wowlib.llm.tiny import tiny_model_dir
     return tiny_model_dir()
+
+
+def require_stockfish() -> str:
+    """The Stockfish binary; without it a test is skipped with the reason, except in CI (CI=true),
+    where a missing engine is a failure: CI must prove the chess task works."""
+    from wowlib.tasks.chess import find_stockfish
+    try:
+        return find_stockfish()
+    except FileNotFoundError as err:
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but {err}")
+        pytest.skip(f"chess needs Stockfish, absent here: {err}")
+
+
+@pytest.fixture(scope="session")
+def stockfish() -> str:
+    return require_stockfish()

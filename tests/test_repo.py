@@ -85,3 +85,22 @@ def test_scripts_are_executable_and_ci_runs_the_readme_command() -> None:
     readme = (REPO / "README.md").read_text()
     assert "./run_tests.sh" in readme and "./run_all.sh" in readme
     assert "./run_tests.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_cpu_cap_turns_off_what_the_cpu_would_choose(monkeypatch) -> None:
+    """WOW_CPU_ISA=avx2: no AMX, no AVX-512 kernels, no hardware bf16, whatever this CPU has (CI runs
+    the engine and training tests capped, so every machine exercises the smallest CPU's path)."""
+    from wowlib import align
+    from wowlib.llm import cpu, decode_kernel
+    monkeypatch.setenv("WOW_CPU_ISA", "avx2")
+    assert not (cpu.has_amx() or cpu.has_avx512() or cpu.has_bf16() or align.cpu_has_bf16())
+    decode_kernel.unavailable_reason.cache_clear()          # asked once per process: the cap is set at start
+    try:
+        assert "WOW_CPU_ISA" in decode_kernel.unavailable_reason()
+    finally:
+        decode_kernel.unavailable_reason.cache_clear()
+    assert align.resolve_precision(align.AlignConfig(device="cpu")) == "fp32"
+    monkeypatch.setenv("WOW_CPU_ISA", "pentium")
+    import pytest
+    with pytest.raises(ValueError, match="WOW_CPU_ISA"):
+        cpu.cap()

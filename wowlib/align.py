@@ -283,13 +283,10 @@ def resolve_device(config: AlignConfig) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and slower than fp32."""
-    import torch
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX; capped by ``WOW_CPU_ISA``);
+    elsewhere bf16 is emulated and slower than fp32."""
+    from .llm import cpu
+    return cpu.has_bf16()
 
 
 def resolve_precision(config: AlignConfig, device: str | None = None) -> str:

@@ -46,7 +46,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import constrain, decode_kernel, packed
+from . import constrain, cpu, decode_kernel, packed
 from .base import Completion, Message, Request, batches_of
 
 log = logging.getLogger(__name__)
@@ -125,19 +125,13 @@ BF16_MIN_PARAMS = 50_000_000        # below this, bf16 casts cost more than the 
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles, as on Xeon Sapphire
-    Rapids and later): there a bf16 model decodes ~2x faster than fp32 (benchmarks/)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+    """Whether this CPU multiplies bf16 matrices by AMX tiles (Xeon Sapphire Rapids and later):
+    there a bf16 model decodes ~2x faster than fp32 (benchmarks/). ``WOW_CPU_ISA`` caps it (``cpu``)."""
+    return cpu.has_amx()
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
+    return cpu.has_bf16()
 
 
 def _sdpa_gqa_decode(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

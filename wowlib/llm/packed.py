@@ -42,6 +42,10 @@ def available() -> bool:
 def fused_ops() -> ctypes.CDLL | None:
     """The fused element-wise passes, or None (logged once) where they cannot be built or are not
     vectorised for this CPU (their portable loops are slower than torch's)."""
+    from . import cpu
+    if not cpu.has_avx512():
+        log.info("fused RMSNorm / SiLU passes off: no AVX-512 here (or WOW_CPU_ISA caps it), using torch's ops")
+        return None
     try:
         lib = decode_kernel.compiled(FUSED_SOURCE)
     except decode_kernel.KernelUnavailable as err:
