@@ -5,18 +5,19 @@
 
 Every row trains the same LoRA DPO adapter (r=16, one epoch, batch 1: the paper's) on the same pairs, in a
 fresh process (so the peak RSS is the row's own), and reports pairs/s, the ratio to the first row, the peak
-RSS and the model FLOPs utilisation: (6 N T_policy + 2 N T_reference) / seconds over the fp32 matmul rate
-measured in the same run (N: parameters, T: tokens of the chosen and rejected sequences, padding not
-counted). Rows:
+RSS and the model FLOPs utilisation: (6 N T_policy + 2 N T_reference) / seconds over the matmul rate of the
+row's precision measured in the same run (N: parameters; T: the tokens the row computes: both sequences of
+each pair as trl builds them, or, packed, each prompt once; padding not counted). Rows, cumulative:
 
-1. ``baseline``: the cpu profile before this benchmark: fp32, activation checkpointing, the reference
-   log-probs computed by the run itself;
-2. ``fp32``: fp32 without activation checkpointing;
-3. ``bf16``: bf16 autocast (fp32 LoRA master weights), activation checkpointing;
-4. ``bf16, no checkpointing``;
-5. ``bf16, no checkpointing, shared reference``: a second configuration on the same data that reads the
-   reference log-probs the previous one computed (``align.ReferenceCache``): what every configuration of
-   a grid after the first, and every other DPO-family loss, costs.
+1. ``baseline``: the cpu profile before this benchmark: fp32, activation checkpointing, trl's two
+   sequences per pair, the reference log-probs computed by the run itself;
+2. without activation checkpointing;
+3. packed pairs (``align.pack_pairs``): the prompt once per pair, only the answers through the LM head;
+4. bf16 autocast (fp32 LoRA master weights);
+5. a second configuration on the same data reading the reference log-probs the first one computed
+   (``align.ReferenceCache``): what every configuration of a grid after the first costs, and every other
+   DPO-family loss;
+6. bf16 and packed pairs WITH activation checkpointing: the memory floor.
 
 Then the reward-margin curves of the fp32 and the bf16 run (same data, seed and steps): the largest
 difference of their smoothed curves against the spread of the fp32 curve's raw points.
@@ -40,12 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 RESULTS = REPO / "benchmarks" / "results_align.csv"
-VARIANTS = {                       # name -> (AlignConfig changes, reuse the reference of the row before)
-    "baseline": ({"precision": "fp32", "activation_checkpointing": True}, False),
-    "fp32": ({"precision": "fp32"}, False),
-    "bf16": ({"precision": "bf16", "activation_checkpointing": True}, False),
-    "bf16, no checkpointing": ({"precision": "bf16"}, False),
-    "bf16, no checkpointing, shared reference": ({"precision": "bf16"}, True),
+VARIANTS = {                       # name -> (AlignConfig changes, reuse the reference of a first run)
+    "baseline": ({"precision": "fp32", "activation_checkpointing": True, "packed": False}, False),
+    "fp32, no checkpointing": ({"precision": "fp32", "packed": False}, False),
+    "fp32, no checkpointing, packed pairs": ({"precision": "fp32"}, False),
+    "bf16, no checkpointing, packed pairs": ({"precision": "bf16"}, False),
+    "bf16, no checkpointing, packed pairs, shared reference": ({"precision": "bf16"}, True),
+    "bf16, checkpointing, packed pairs": ({"precision": "bf16", "activation_checkpointing": True}, False),
 }
 
 
@@ -70,18 +72,22 @@ def bench_pairs(model: str, n_pairs: int, max_new_tokens: int, seed: int = 0) ->
     return pairs
 
 
-def token_counts(model_dir, pairs: list[dict]) -> tuple[int, int]:
-    """(tokens of every chosen and rejected sequence, of them padding in batch-1 DPO steps)."""
+def token_counts(model_dir, pairs: list[dict]) -> tuple[int, int, int]:
+    """(tokens of every chosen and rejected sequence as trl builds them, the padding that batch-1
+    steps add to them, the tokens of the packed sequences: each prompt once)."""
     from wowlib.align import load_tokenizer
     tokenizer = load_tokenizer(model_dir)
-    total = padding = 0
+    total = padding = packed = 0
     for p in pairs:
         prompt = [{"role": "user", "content": p["prompt"]}]
+        head = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"])
         lengths = [len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": p[k]}], tokenize=True,
                                                      return_dict=True)["input_ids"]) for k in ("chosen", "rejected")]
         total += sum(lengths)
         padding += 2 * max(lengths) - sum(lengths)
-    return total, padding
+        packed += sum(lengths) - head
+    return total, padding, packed
 
 
 def run_variant(name: str, args, model_dir: str, pairs: list[dict], work: str) -> dict:
@@ -95,13 +101,13 @@ def run_variant(name: str, args, model_dir: str, pairs: list[dict], work: str) -
     changes, reuse = VARIANTS[name]
     config = align.AlignConfig(trainer="dpo", num_train_epochs=1, learning_rate=args.lr, logging_steps=1,
                                max_length=args.max_length, **changes)
-    cache = align.ReferenceCache(Path(work) / ".reference")
+    slug = name.replace(", ", "-").replace(" ", "_")
+    cache = align.ReferenceCache(Path(work) / slug / ".reference")      # each row its own: nothing shared by accident
     if reuse:      # the reference computed by a first configuration on the same data (not timed)
         first = align.AlignConfig(**{**config.to_dict(), "learning_rate": args.lr * 2})
-        align.train(first, model_dir, pairs, Path(work) / "first", reference_cache=cache)
+        align.train(first, model_dir, pairs, Path(work) / slug / "first", reference_cache=cache)
     start = time.perf_counter()
-    out = align.train(config, model_dir, pairs, Path(work) / name.replace(", ", "-").replace(" ", "_"),
-                      reference_cache=cache)
+    out = align.train(config, model_dir, pairs, Path(work) / slug / "adapter", reference_cache=cache)
     seconds = time.perf_counter() - start
     train_log = align.read_log(out)
     return {"variant": name, "seconds": seconds, "train_seconds": train_log["train_seconds"],
@@ -149,39 +155,43 @@ def main() -> None:
     from wowlib.llm.models import model_path
     model_dir = str(model_path(args.model))
     pairs = bench_pairs(args.model, args.pairs, args.answer_tokens)
-    tokens, padding = token_counts(model_dir, pairs)
+    tokens, padding, packed_tokens = token_counts(model_dir, pairs)
     from transformers import AutoConfig
     n_params = _parameters(model_dir, AutoConfig)
     fp32_rate, bf16_rate = matmul_gflops(args.threads), matmul_gflops(args.threads, "bf16")
     print(f"{len(pairs)} pairs, {tokens} tokens in their chosen + rejected sequences ({padding} more padded in "
-          f"batch-1 steps, {100 * padding / tokens:.1f}%); {n_params / 1e6:.0f}M parameters; matmul yardstick "
+          f"batch-1 steps, {100 * padding / tokens:.1f}%), {packed_tokens} packed (each prompt once); "
+          f"{n_params / 1e6:.0f}M parameters; matmul yardstick "
           f"{fp32_rate:.0f} GFLOP/s fp32, {bf16_rate:.0f} GFLOP/s bf16 ({args.threads} threads)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.variants:
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 row = pool.apply(run_variant, (name, args, model_dir, pairs, work))
-            reference_tokens = 0 if row["reference"] == "reused" else tokens
-            flops = 6 * n_params * tokens + 2 * n_params * reference_tokens
-            row.update(pairs_per_second=len(pairs) / row["seconds"], mfu=flops / row["seconds"] / (fp32_rate * 1e9))
+            done = packed_tokens if VARIANTS[name][0].get("packed", True) else tokens     # what the run computed
+            reference_tokens = 0 if row["reference"] == "reused" else done
+            flops = 6 * n_params * done + 2 * n_params * reference_tokens
+            rate = bf16_rate if row["precision"] == "bf16" else fp32_rate
+            row.update(pairs_per_second=len(pairs) / row["seconds"], mfu=flops / row["seconds"] / (rate * 1e9))
             row["ratio"] = row["pairs_per_second"] / rows[0]["pairs_per_second"] if rows else 1.0
             rows.append(row)
             print(f"{name:45s} {row['pairs_per_second']:.3f} pairs/s  x{row['ratio']:.2f}  "
-                  f"MFU {100 * row['mfu']:.0f}% of fp32 matmul  peak RSS {row['peak_rss_gb']:.2f} GB  "
+                  f"MFU {100 * row['mfu']:.0f}% of the {row['precision']} matmul rate  peak RSS {row['peak_rss_gb']:.2f} GB  "
                   f"({row['precision']}, reference {row['reference']})", flush=True)
     curves = {r["variant"]: r["margins"] for r in rows}
-    if "fp32" in curves and "bf16, no checkpointing" in curves:
-        a, b = curves["fp32"], curves["bf16, no checkpointing"]
+    if "baseline" in curves and "bf16, no checkpointing, packed pairs" in curves:
+        a, b = curves["baseline"], curves["bf16, no checkpointing, packed pairs"]
         window = max(1, len(a) // 8)
         diff = max(abs(x - y) for x, y in zip(smoothed(a, window), smoothed(b, window)))
         mean = sum(a) / len(a)
         spread = (sum((x - mean) ** 2 for x in a) / len(a)) ** 0.5
-        print(f"reward margins, fp32 vs bf16 ({len(a)} steps, smoothed over {window}): largest difference "
-              f"{diff:.3f}, against a spread of {spread:.3f} of the fp32 run's raw points; final smoothed "
+        print(f"reward margins, baseline vs bf16 + packed ({len(a)} steps, smoothed over {window}): largest difference "
+              f"{diff:.3f}, against a spread of {spread:.3f} of the baseline's raw points; final smoothed "
               f"{smoothed(a, window)[-1]:.3f} vs {smoothed(b, window)[-1]:.3f}")
     versions = store.library_versions()
     meta = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "cpu": _cpu_name(),
             "threads": args.threads, "pairs": len(pairs), "tokens": tokens, "padding": padding,
+            "packed_tokens": packed_tokens,
             "fp32_gflops": round(fp32_rate, 1), "bf16_gflops": round(bf16_rate, 1), "torch": versions["torch"],
             "trl": versions["trl"]}
     fields = list(meta) + ["variant", "precision", "reference", "seconds", "pairs_per_second", "ratio", "mfu",

@@ -65,7 +65,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LOG_FILE = "train_log.json"
-RESULT_NEUTRAL = ("activation_checkpointing",)     # AlignConfig fields that change cost, not the adapter
+RESULT_NEUTRAL = ("activation_checkpointing", "packed")     # AlignConfig fields that change cost, not the adapter
 ADDED_LATER = {"quantization": None, "precision": "auto"}   # left out of the key at these defaults
 PRECISIONS = ("auto", "bf16", "fp32")
 QUANTIZATIONS = (None, "4bit", "8bit")
@@ -111,6 +111,10 @@ class AlignConfig:
     # multiplies bf16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else fp32.
     # The resolved precision is part of the run's key (``run_key``): it changes the adapter's bits.
     precision: str = "auto"
+    # DPO family: each pair one packed sequence, the prompt once, only the answers through the LM
+    # head (``pack_pairs``); the same numbers as trl's two sequences up to float summation order,
+    # so, like activation checkpointing, not part of the run's key.
+    packed: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -399,7 +403,7 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
         args = DPOConfig(**common, beta=config.beta, loss_type=[DPO_LOSSES[config.trainer]],
                          precompute_ref_log_probs=config.precompute_ref_log_probs,
                          precompute_ref_batch_size=config.precompute_ref_batch_size)
-        return _quiet_progress(_dpo_trainer_class()(ref_model=None, args=args, **kwargs))
+        return _quiet_progress(_dpo_trainer_class(config.packed)(ref_model=None, args=args, **kwargs))
     if config.trainer in ("cpo", "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         loss = {"cpo": {"loss_type": "sigmoid", "cpo_alpha": config.cpo_alpha},
@@ -414,18 +418,121 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
     return _quiet_progress(SFTTrainer(args=SFTConfig(**common), **kwargs))
 
 
-def _dpo_trainer_class():
-    """trl's DPOTrainer, except that a training set that already carries the reference log-probs
-    (``build_trainer(reference=...)``) is taken as it is instead of computed again."""
+def _dpo_trainer_class(packed: bool = True):
+    """trl's DPOTrainer with two changes that leave its loss, optimiser and schedule as they are:
+
+    - a training set that already carries the reference log-probs (``build_trainer(reference=...)``)
+      is taken as it is instead of computed again;
+    - each pair is one packed sequence (``pack_pairs``): the prompt once, then the chosen and the
+      rejected answer, the rejected one masked from the chosen one, and log-probs computed for the
+      answers' tokens only. trl runs the prompt twice (once per answer) and, on a CPU, projects
+      EVERY position through the 49k-word LM head: on NLGraph pairs that was most of the work."""
     from trl import DPOTrainer
 
     class SharedReferenceDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._pack()
+
+        def _pack(self) -> None:
+            if packed:           # before the reference pass, which trl runs inside __init__
+                pack_pairs(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if "ref_chosen_logps" in dataset.column_names:
                 return dataset
+            self._pack()
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
     return SharedReferenceDPOTrainer
+
+
+def pack_pairs(causal_lm) -> bool:
+    """Patch ``causal_lm.forward`` (already given trl's ``fused_lm_head`` forward) so that a trl
+    preference batch, rows [chosen_1..chosen_B, rejected_1..rejected_B] sharing their prompts, runs as
+    B packed sequences: [prompt, chosen, rejected] with the rejected tokens at the positions they
+    have alone and masked from the chosen ones, i.e. the same attention as two separate sequences
+    (equal up to float summation order: tested). Only the answers' positions go through the LM
+    head. Returns False (nothing patched) for a model this does not hold for: a sliding-window
+    attention, logit soft-capping or scaling."""
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")) or \
+            getattr(config, "sliding_window", None):
+        return False
+    if getattr(causal_lm, "_wowlib_packed", False):
+        return True
+    original = causal_lm.forward
+
+    def forward(*args, fused_lm_head=False, labels=None, input_ids=None, attention_mask=None, **kwargs):
+        packed = None
+        if fused_lm_head and not args and labels is not None and input_ids is not None \
+                and not kwargs.get("output_router_logits") and kwargs.get("position_ids") is None:
+            packed = _packed_log_probs(causal_lm, input_ids, attention_mask, labels)
+        if packed is None:
+            return original(*args, fused_lm_head=fused_lm_head, labels=labels, input_ids=input_ids,
+                            attention_mask=attention_mask, **kwargs)
+        return packed
+
+    causal_lm.forward = forward
+    causal_lm._wowlib_packed = True
+    return True
+
+
+def _packed_log_probs(causal_lm, input_ids, attention_mask, labels):
+    """trl's ``FusedCausalLMOutput`` for a preference batch, computed on packed pairs (``pack_pairs``);
+    None when the batch is not pairs sharing a prompt."""
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+    rows, width = input_ids.shape
+    if rows % 2 or attention_mask is None:
+        return None
+    n_pairs, device = rows // 2, input_ids.device
+    lengths = attention_mask.sum(-1).tolist()
+    if any(attention_mask[k, :n].min() == 0 for k, n in enumerate(lengths)):
+        return None                                            # not right-padded
+    seqs, positions, spans, targets = [], [], [], []           # targets: (row, column, packed index, token)
+    for k in range(n_pairs):
+        chosen, rejected = input_ids[k, :lengths[k]], input_ids[n_pairs + k, :lengths[n_pairs + k]]
+        starts = [int((labels[row, :lengths[row]] != -100).nonzero()[0]) if (labels[row] != -100).any()
+                  else lengths[row] for row in (k, n_pairs + k)]
+        shared = min(starts)
+        if shared == 0 or not torch.equal(chosen[:shared], rejected[:shared]):
+            return None
+        lc, lr = len(chosen), len(rejected)
+        seqs.append(torch.cat([chosen, rejected[shared:]]))
+        positions.append(torch.cat([torch.arange(lc), torch.arange(shared, lr)]))
+        spans.append((shared, lc))
+        for row, seq_len, start, index_of in ((k, lc, starts[0], lambda t: t),
+                                              (n_pairs + k, lr, starts[1], lambda t, s=shared, c=lc: t if t < s else c + t - s)):
+            for t in range(max(start - 1, 0), seq_len - 1):
+                if labels[row, t + 1] != -100:
+                    targets.append((row, t, k, index_of(t), int(input_ids[row, t + 1])))
+    length = max(len(s) for s in seqs)
+    ids = torch.full((n_pairs, length), int(input_ids[0, 0]), dtype=input_ids.dtype, device=device)
+    pos = torch.zeros((n_pairs, length), dtype=torch.long, device=device)
+    mask = torch.zeros((n_pairs, 1, length, length), dtype=torch.bool, device=device)
+    for k, (seq, position, (shared, lc)) in enumerate(zip(seqs, positions, spans)):
+        n = len(seq)
+        ids[k, :n], pos[k, :n] = seq, position
+        block = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        block[lc:, shared:lc] = False                           # the rejected answer never sees the chosen one
+        mask[k, 0, :n, :n] = block
+        mask[k, 0, n:, n:] = torch.eye(length - n, dtype=torch.bool, device=device)   # padding: itself only
+    hidden = causal_lm.base_model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+    out_rows, out_cols, pair, index, token = (torch.tensor(column, device=device) for column in zip(*targets))
+    logits = causal_lm.get_output_embeddings()(hidden[pair, index]).float()
+    logps = torch.log_softmax(logits, dim=-1)
+    values = logps.gather(-1, token[:, None])[:, 0]
+
+    def spread(per_target: torch.Tensor) -> torch.Tensor:          # per target -> [rows, width - 1], 0 elsewhere
+        return torch.zeros((rows, width - 1), dtype=per_target.dtype, device=device).index_put(
+            (out_rows, out_cols), per_target)
+    with torch.no_grad():       # the metrics trl logs: entropy, mean logit, whether the label is the top token
+        entropy = -(logps.exp() * logps).sum(-1)
+        mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == token
+    return FusedCausalLMOutput(loss=-values.sum() / max(len(targets), 1), log_probs=spread(values),
+                               entropy=spread(entropy), mean_logits=spread(mean_logits), is_top1=spread(is_top1),
+                               label_mask=labels[:, 1:] != -100)
 
 
 def reference_logps(trainer, n_pairs: int) -> list[tuple[float, float]] | None:

@@ -621,6 +621,7 @@ class EvalConfig:
     temperature: float = 1.0              # paper: 1.0
     max_new_tokens: int = 256
     extract_max_new_tokens: int = 32      # paper: 32, greedy
+    stop_on_repeat: bool = False          # as in Phase 1 (wowlib.sample)
     extraction: str = "text"              # "text" | "constrained", as in Phase 1 (wowlib.sample)
     extraction_fallback: bool = False
     seed: int = 0                         # the same seed for every model: same option orders
@@ -679,7 +680,8 @@ def answer_items(llm, config: EvalConfig, task, items: Sequence[tuple[str, Any]]
 
     from .llm.base import Decoding
     from .sample import answer_questions, extraction_mode
-    decoding = Decoding(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+    decoding = Decoding(temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                        stop_on_repeat=config.stop_on_repeat)
     extraction = Decoding(temperature=0.0, max_new_tokens=config.extract_max_new_tokens)
     mode = extraction_mode(llm, config.extraction, config.extraction_fallback)
     records = []

@@ -46,6 +46,7 @@ class SampleConfig:
     extract_max_new_tokens: int = 32      # paper: 32, greedy (text mode)
     seed: int = 0
     task_options: dict[str, dict] = field(default_factory=dict)   # e.g. {"chess": {"depth": 12}}
+    stop_on_repeat: bool = False          # stop a reply that loops (llm.base.Decoding); the paper: off
     extraction: str = "text"              # "text" (the paper's) | "constrained" (module docstring)
     extraction_fallback: bool = False     # constrained on a backend that cannot (an API): text mode
 
@@ -58,7 +59,8 @@ class SampleConfig:
 
     @property
     def decoding(self) -> Decoding:
-        return Decoding(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        return Decoding(temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                        stop_on_repeat=self.stop_on_repeat)
 
     @property
     def extraction_decoding(self) -> Decoding:
@@ -211,6 +213,7 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
         "mean_confidence": sum(conf) / len(conf) if conf else math.nan,
         "unparsed": sum(r["status"] == "unparsed" for r in records) / n if n else math.nan,
         "truncated": sum(r.get("finish") == "length" for r in records) / n if n else math.nan,
+        "looped": sum(r.get("finish") == "repeat" for r in records) / n if n else math.nan,
         "errors": sum(r["status"] == "error" for r in records),
         "wrong": sum(r["correct"] is False for r in ok),
         "wow_pairs": len(wow_pairs(records)),

@@ -24,6 +24,10 @@ class Decoding:
     # A constrained final answer (``wowlib.llm.constrain``): "letters:ABCD" or "number[:signed,decimal]";
     # greedy only, after the request's ``prefix``. None: free text.
     constraint: str | None = None
+    # Stop a reply that has started to repeat itself (the same span of at most ``REPEAT_MAX_PERIOD``
+    # tokens over its last ``repeat_window(period)`` tokens): small models at temperature 1 loop until
+    # any length cap, and a looped reply has ended in all but name. Its finish is "repeat".
+    stop_on_repeat: bool = False
 
     def __post_init__(self) -> None:
         if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1
@@ -39,8 +43,9 @@ class Decoding:
         """The parameters as the call cache keys them (a field left at None is left out, so
         keys written before it existed stay valid)."""
         d = asdict(self)
-        if d["constraint"] is None:
-            del d["constraint"]
+        for name, unset in (("constraint", None), ("stop_on_repeat", False)):
+            if d[name] == unset:
+                del d[name]
         return d
 
     @property
@@ -49,6 +54,25 @@ class Decoding:
 
 
 GREEDY_32 = Decoding(temperature=0.0, max_new_tokens=32)   # the paper's answer-extraction call
+REPEAT_MAX_PERIOD = 16                 # longest repeating span (tokens) that ``stop_on_repeat`` looks for
+REPEAT_MIN_TOKENS = 32                 # ... and how many tokens the repetition must cover (at least 4 periods)
+
+
+def repeat_window(period: int) -> int:
+    return max(REPEAT_MIN_TOKENS, 4 * period)
+
+
+def is_repeating(tokens: Sequence[int]) -> bool:
+    """Whether the reply's last tokens are one span of at most ``REPEAT_MAX_PERIOD`` tokens over and
+    over (``Decoding.stop_on_repeat``): tokens[-w:] equals itself shifted by the period."""
+    n = len(tokens)
+    for period in range(1, REPEAT_MAX_PERIOD + 1):
+        window = repeat_window(period)
+        if n < window + period:
+            break
+        if tokens[n - window:] == tokens[n - window - period:n - period]:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,7 @@ class Completion:
     text: str
     n_tokens: int
     mean_logprob: float | None
-    finish: str = "stop"                 # "stop" | "length" | "error"
+    finish: str = "stop"                 # "stop" | "length" | "repeat" (Decoding.stop_on_repeat) | "error"
     status: str = "ok"
     error: str | None = None
     token_logprobs: list[float] | None = field(default=None, repr=False)

@@ -116,6 +116,8 @@ class OpenAIChat:
     def payload(self, request: Request) -> dict[str, Any]:
         """The JSON body for one request."""
         d = request.decoding
+        if d.stop_on_repeat:
+            raise ValueError(f"{self.name} (OpenAI-compatible API): stop_on_repeat is a rule of the local engine")
         if d.constraint is not None or request.prefix:
             raise ValueError(f"{self.name} (OpenAI-compatible API) cannot prefill a reply or constrain its "
                              "tokens: use extraction 'text' for API models")

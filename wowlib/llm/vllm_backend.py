@@ -84,6 +84,8 @@ def sampling_kwargs(group: Sequence[Request], stop_strings: Sequence[str] = ()) 
     if [r.sample_idx for r in group] != list(range(first.sample_idx, first.sample_idx + len(group))):
         raise ValueError("a sampling group needs consecutive, ascending sample indices")
     d = first.decoding
+    if d.stop_on_repeat:
+        raise ValueError("stop_on_repeat is a rule of the hf engine; vLLM has no equivalent: leave it off")
     kwargs: dict[str, Any] = {
         "n": len(group),
         "temperature": d.temperature,              # 0: greedy in vLLM
