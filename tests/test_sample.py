@@ -131,14 +131,22 @@ run = store.Run(__import__("pathlib").Path(sys.argv[1]))
 llm = CachedLLM(HFModel("tiny", tiny_model_dir(), options=HFOptions(max_batch=2)), run.root / "cache")
 config = SampleConfig(generator="tiny", tasks=("kc",), n_questions=5, n_samples=4, max_new_tokens=48)
 task = get_task("kc")
-records = answer_questions(llm, task, task.questions("train", 5), 4, config.decoding, config.extraction, 0, "train")
+records = answer_questions(llm, task, task.questions("train", 5), 4, config.decoding, config.extraction_decoding, 0, "train")
 store.write_jsonl(run.samples("tiny", "kc"), records)
 """
 
 
 def _run_script(run_dir: Path) -> subprocess.Popen:
+    """The script in the background, its stderr kept in ``<run_dir>.stderr`` for the failure message."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{run_dir}.stderr", "ab")
     return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(run_dir)], env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _finish(run_dir: Path) -> None:
+    rc = _run_script(run_dir).wait(timeout=300)
+    assert rc == 0, f"rerun in {run_dir} exited {rc}:\n" + Path(f"{run_dir}.stderr").read_text(errors="replace")[-3000:]
 
 
 def _cache_lines(run_dir: Path) -> int:
@@ -162,7 +170,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path: Path, tiny_dir: 
     assert 0 < partial < 40
     assert not (killed / "samples" / "tiny" / "kc.jsonl").exists()
     for run_dir in (killed, clean):
-        assert _run_script(run_dir).wait(timeout=300) == 0
+        _finish(run_dir)
     resumed = store.read_jsonl(killed / "samples" / "tiny" / "kc.jsonl")
     assert resumed == store.read_jsonl(clean / "samples" / "tiny" / "kc.jsonl")
     assert len(resumed) == 20
@@ -254,6 +262,7 @@ def _sampler(run_dir: Path, seconds: float, n_samples: int) -> subprocess.Popen:
                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_samplers_in_one_run_the_second_fails_naming_the_first(tmp_path: Path, data_dir: Path) -> None:
     """Two samplers with different settings on one run directory: the second fails at once,
     naming the first (before, both exited 0 and mixed their outputs)."""

@@ -52,6 +52,7 @@ def _dead_pid() -> int:
 
 # ---------------------------------------------------------------------------- one writer per run
 
+@pytest.mark.slow
 def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
     run = store.Run(tmp_path / "run")
     holder = _holder(run.root, "sample")
@@ -86,6 +87,7 @@ def test_the_writer_lock_is_reentrant_within_a_process(tmp_path):
     assert not (run.root / store.WRITER_LOCK).exists()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_writer_is_taken_over(tmp_path, caplog):
     run = store.Run(tmp_path / "run")
     holder = _holder(run.root, "sample")
@@ -123,6 +125,7 @@ def test_a_lock_file_of_another_machine_is_refused(tmp_path):
     assert lock.exists()
 
 
+@pytest.mark.slow
 def test_stage_writer_holds_the_lock_and_takes_overwrite(tmp_path):
     seen = {}
 
@@ -160,6 +163,7 @@ for k in range(n):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_manifest_entries_are_all_kept(tmp_path):
     """4 processes each add 40 entries to one manifest at the same time: none is lost (without
     the lock about half were, each process overwriting the others' read-modify-write)."""
@@ -180,6 +184,7 @@ for k in range(n):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_appends_and_a_truncated_tail_lose_no_record(tmp_path, caplog):
     """A file whose last line a kill cut, then 4 processes appending at once (records up to
     ~9 kB, so writes are large): every appended record is there exactly once, the cut line is
@@ -214,6 +219,7 @@ with open(path, "a") as f:
 """
 
 
+@pytest.mark.slow
 def test_a_tail_repair_never_cuts_an_append_in_flight(tmp_path):
     """While another process is half-way through an append (its line not yet ended), an append
     here waits for it instead of taking the partial line for the trace of a kill and cutting it."""
@@ -311,3 +317,17 @@ def test_portable_text_is_not_flagged(text):
 def test_local_roots_are_flagged(tmp_path):
     root = tmp_path / "somewhere" / "deep"
     assert store.absolute_paths(f"x {root}/file y", [root]) == [(1, f"{root}/file")]
+
+
+def test_a_kill_inside_a_multibyte_character_is_a_truncated_tail(tmp_path, caplog):
+    """A killed writer can stop between the bytes of one UTF-8 character: the reader skips that
+    tail as it skips any other, and a bad byte on a complete line is still an error naming it."""
+    path = tmp_path / "cache.jsonl"
+    full = json.dumps({"text": "naïve ✓"}, ensure_ascii=False).encode()
+    path.write_bytes(b'{"a": 1}\n' + full[:-4])
+    with caplog.at_level(logging.WARNING, logger="wowlib.store"):
+        assert store.read_jsonl(path) == [{"a": 1}]
+    assert "truncated last line" in caplog.text
+    path.write_bytes(b'{"a": 1}\n' + full[:-4] + b"\n")
+    with pytest.raises(ValueError, match=r"cache.jsonl: line 2: corrupt JSON \(not UTF-8\)"):
+        store.read_jsonl(path)

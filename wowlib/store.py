@@ -1,4 +1,4 @@
-"""The run directory: its layout (DESIGN.md section 4), JSONL/JSON/CSV I/O and manifests.
+"""The run directory: its layout (docs/design.md), JSONL/JSON/CSV I/O and manifests.
 
 Records are appended and flushed as they complete, so a killed run loses at most the line it was
 writing; readers drop a truncated LAST line (the trace of a kill) with a warning and reject a
@@ -93,20 +93,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The records of a JSONL file. A last line without its newline is the trace of a killed
+    writer (cut anywhere, even inside a multi-byte character): skipped with a warning. Any other
+    bad line is an error naming the file and line."""
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    *lines, tail = path.read_bytes().split(b"\n")
+    for lineno, raw in enumerate(lines + [tail], start=1):
+        truncated = lineno > len(lines)  # the text after the last newline
         try:
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
             yield json.loads(line)
-        except json.JSONDecodeError as err:
-            if lineno == len(lines) and not line.endswith("\n"):
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if truncated:
                 log.warning("%s: ignoring a truncated last line (interrupted run)", path)
                 return
-            raise ValueError(f"{path}: line {lineno}: corrupt JSON ({err.msg})") from None
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+            raise ValueError(f"{path}: line {lineno}: corrupt JSON ({reason})") from None
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
@@ -553,12 +558,12 @@ class Run:
                 _OVERWRITE.reset(token)
 
     def samples(self, generator: str, task: str) -> Path:
-        return self.root / "samples" / generator / f"{task}.jsonl"
+        return self.root / "samples" / _label(generator) / f"{task}.jsonl"
 
     def judgments(self, generator: str, judge: str, task: str, kind: str) -> Path:
         if kind not in ("pairwise", "score"):
             raise ValueError(f"judgment kind must be 'pairwise' or 'score', got {kind!r}")
-        return self.root / "judgments" / generator / judge / f"{task}.{kind}.jsonl"
+        return self.root / "judgments" / _label(generator) / _label(judge) / f"{task}.{kind}.jsonl"
 
     @property
     def elicitation(self) -> Path:
@@ -571,7 +576,7 @@ class Run:
         return self.root / "models" / name
 
     def eval(self, model: str, task: str) -> Path:
-        return self.root / "eval" / model / f"{task}.jsonl"
+        return self.root / "eval" / _label(model) / f"{task}.jsonl"
 
     @property
     def eval_dir(self) -> Path:
@@ -583,3 +588,12 @@ class Run:
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
+
+
+def _label(name: str) -> str:
+    """A model's folder name: short names as they are; a hub id or a checkpoint path by
+    ``wowlib.llm.models.model_label`` (no "/" inside a folder name)."""
+    if "/" not in name and "\\" not in name:
+        return name
+    from .llm.models import model_label
+    return model_label(name)
