@@ -91,6 +91,8 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     ("learning_rates", ["5e-5"], "03_align"),          # YAML reads 5e-5 (no dot) as a string
     ("generalisation", 1, "04_evaluate"),
     ("temperature", "hot", "01_sample_wrong"),
+    ("max_pairs", None, "03_align"),                   # no "all": the paper's cap is 4000, say so
+    ("extra_sets", "mix oracle kc", "03_align"),       # a list of sets, not one
 ])
 def test_wrong_type_names_key_and_notebook(tmp_path: Path, capsys, key, value, notebook) -> None:
     path = _profile(tmp_path, **{key: value})
@@ -99,7 +101,7 @@ def test_wrong_type_names_key_and_notebook(tmp_path: Path, capsys, key, value, n
 
 
 @pytest.mark.parametrize("key, value", [
-    ("temperature", 1), ("n_questions", None), ("eval_n_questions", None), ("max_pairs", None),
+    ("temperature", 1), ("n_questions", None), ("eval_n_questions", None),
     ("text_cap", None), ("learning_rates", [1, 5.0e-5]), ("figures_dir", "figs"),
 ])
 def test_compatible_values_pass(tmp_path: Path, capsys, key, value) -> None:
@@ -111,6 +113,7 @@ def test_compatible_values_pass(tmp_path: Path, capsys, key, value) -> None:
     ("base_model", "no-such-model"), ("tasks", ["kc", "sudoku"]), ("trainers", ["dpo", "ppo"]),
     ("preference_types", ["oracle", "vibes"]), ("controls", ["coin"]), ("sources", ["other"]),
     ("pairwise_modes", ["telepathy"]), ("judge_mode", "guess"), ("eval_splits", ["dev"]),
+    ("extraction", "regex"), ("extra_sets", ["mix vibes kc"]), ("align_tasks", ["chess"]),
 ])
 def test_unknown_name_names_the_key(tmp_path: Path, capsys, key, value) -> None:
     path = _profile(tmp_path, **{key: value})
@@ -148,15 +151,15 @@ def test_plan_counts_a_small_profile(tmp_path: Path, capsys) -> None:
                     generators=["tiny", "smollm2-135m"], judges=["tiny"], sources=["self"],
                     preference_types=["oracle", "direct"], controls=["random"], trainers=["dpo", "ipo"],
                     learning_rates=[1.0e-5, 5.0e-5, 1.0e-4], lr_schedulers=["linear"], weight_decays=[0.0],
-                    epochs=[1, 3], max_pairs=10, score_modes=[])
+                    epochs=[1, 3], max_pairs=10, score_modes=[], extra_sets=["mix oracle kc"])
     assert config.main([str(path)]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert {t: v["train_questions"] for t, v in plan["tasks"].items()} == {"kc": 3, "nlgraph_shortest_path": 3}
     assert plan["sampling_calls"] == 2 * (2 * 3) * 4 * 2 == 96
-    sets = 2 * 1 * 3                                   # tasks x sources x (types + controls)
+    sets = 2 * 1 * 3 + 1                               # align tasks x sources x (types + controls) + extra
     grid = 3 * 1 * 1 * 2 * 2                           # lr x scheduler x weight decay x epochs x trainers
     assert plan["preference_sets"] == sets
-    assert plan["adapters"] == sets * grid == 72
+    assert plan["adapters"] == sets * grid == 84
     assert plan["training_steps_upper_bound"] == sets * grid * 10 * 2   # mean of epochs [1, 3] = 2
 
 
@@ -197,8 +200,9 @@ def test_each_notebook_gets_only_its_own_keys(capsys) -> None:
     assert "no notebook" in capsys.readouterr().err
 
 
-def test_score_judging_needs_five_answers_per_question(tmp_path: Path, capsys) -> None:
-    """The score judge grades five answers of a question per prompt: fewer samples score nothing."""
+def test_score_judging_needs_whole_batches_of_five(tmp_path: Path, capsys) -> None:
+    """The score judge grades a question's samples in fixed batches of five: n_samples must divide."""
     err = _fails(_profile(tmp_path, n_samples=4, score_modes=["logprob"]), capsys)
     assert "n_samples = 4" in err and "score_modes" in err
+    assert "n_samples = 7" in _fails(_profile(tmp_path, n_samples=7, score_modes=["logprob"]), capsys)
     assert config.main([str(_profile(tmp_path, n_samples=4, score_modes=[])), "--check"]) == 0

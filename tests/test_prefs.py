@@ -486,6 +486,7 @@ def test_written_sets_load_as_trl_datasets(tmp_path, qids):
     data = prefs.load(run, row["name"])
     ds = to_dataset(data, "dpo")
     assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == row["kept"] == 10
-    assert ds[0]["chosen"] == [{"role": "assistant", "content": data[0]["chosen"]}]
+    assert data[0]["chosen"] == [{"role": "assistant", "content": prefs.text(data[0]["chosen"])}]   # as written
+    assert ds[0]["chosen"] == data[0]["chosen"]
     sft = to_dataset(data, "sft")
     assert sft.column_names == ["prompt", "completion"]

@@ -1,4 +1,4 @@
-"""Tests of wowlib.tasks against the real data files (WOW_DATA_DIR; CI: ../shared/data).
+"""Tests of wowlib.tasks against the real data files (WOW_DATA_DIR; CI points it at its copy).
 
 Item counts, gold answers (NLGraph recomputed with networkx), proxies per task, splits, malformed
 input, answer parsing and option orders. Expensive parts are kept small: chess analyses use depth

@@ -31,7 +31,7 @@ GPU_TOKENS_PER_SECOND = 2000.0
 GPU_SECONDS_PER_PAIR = 1.0
 PAPER_TRAIN_QUESTIONS = 500            # 625 sampled x 8:1:1; used when a dataset is not present
 # Counts and caps where null means "all" (any other null would only fail later, inside a notebook).
-NULLABLE = frozenset({"n_questions", "eval_n_questions", "text_cap", "logprob_cap", "max_pairs"})
+NULLABLE = frozenset({"n_questions", "eval_n_questions", "text_cap", "logprob_cap"})
 
 
 class ProfileError(ValueError):
@@ -133,6 +133,22 @@ def check_names(p: Mapping[str, Any], where: str) -> None:
         bad = [v for v in p[key] if v not in allowed]
         if bad:
             raise ProfileError(f"{where}: {key}: {bad} not in {list(allowed)}")
+    from .evaluate import generalisation_pairs
+    try:
+        generalisation_pairs(p["generalisation_pairs"])
+    except ValueError as err:
+        raise ProfileError(f"{where}: generalisation_pairs: {err}") from None
+    if bad := [t for t in p["align_tasks"] if t not in p["tasks"]]:
+        raise ProfileError(f"{where}: align_tasks: {bad} are not sampled (tasks: {p['tasks']})")
+    from .prefs import plan_sets
+    try:
+        specs = plan_sets(p["align_tasks"], p["preference_types"] + p["controls"], p["judges"][0] if p["judges"]
+                          else None, p["extra_sets"], p["sources"], judge_mode=p["judge_mode"])
+    except ValueError as err:
+        raise ProfileError(f"{where}: extra_sets: {err}") from None
+    for spec in specs:
+        if bad := [t for t in spec.tasks if t not in p["tasks"]]:
+            raise ProfileError(f"{where}: extra_sets: {spec.name} needs tasks {bad} that are not sampled")
     if p["judge_mode"] not in ("logprob", "text"):
         raise ProfileError(f"{where}: judge_mode must be 'logprob' or 'text', got {p['judge_mode']!r}")
     from .sample import EXTRACTIONS
@@ -181,8 +197,8 @@ def plan(p: Mapping[str, Any]) -> dict[str, Any]:
     grid = (len(p["learning_rates"]) * len(p["lr_schedulers"]) * len(p["weight_decays"]) * len(p["epochs"])
             * len(p["trainers"]))
     sets_per_task = len(p["sources"]) * len(set(p["preference_types"]) | set(p["controls"]))
-    sets = len(p["tasks"]) * sets_per_task
-    steps = sets * grid * (p["max_pairs"] or 4000) * sum(p["epochs"]) / len(p["epochs"])
+    sets = len(p["align_tasks"]) * sets_per_task + len(p["extra_sets"])
+    steps = sets * grid * p["max_pairs"] * sum(p["epochs"]) / len(p["epochs"])
     # each adapter answers its own task's D_val + D_test (the original model too), answer + extraction
     eval_calls = sum((sets_per_task * grid + 1) * q * len(p["eval_splits"]) * n * 2 for q in q_eval.values())
     gen_tokens = (answers + eval_calls) * (p["max_new_tokens"] + 32) + judge_calls * 64

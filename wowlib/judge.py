@@ -326,7 +326,11 @@ def _lp_verdict(lp: dict[str, float]) -> tuple[int | None, str]:
 
 
 def judge_folder(judge_name: str, mode: str) -> str:
-    """The judge's folder name under judgments/<generator>/: one per mode."""
+    """The judge's folder name under judgments/<generator>/: one per mode (a judge given by path
+    or hub id is filed under its label, ``models.model_label``)."""
+    if "/" in judge_name:
+        from .llm.models import model_label
+        judge_name = model_label(judge_name)
     return judge_name if mode == "text" else f"{judge_name}-{mode}"
 
 
@@ -636,8 +640,9 @@ def judging_plans(run: store.Run, generators: Sequence[str], judges: Sequence[st
     from .llm.models import load_llm
     from .sample import load_samples
     caps = dict(caps or {})
-    for judge_name in judges:
-        judge = (load or load_llm)(judge_name)
+    from .llm.models import model_label
+    for judge_id in judges:
+        judge, judge_name = (load or load_llm)(judge_id), model_label(judge_id)    # a path or hub id: its label
         for generator in generators:
             for task_name in tasks:
                 samples = load_samples(run, generator, task_name)

@@ -284,13 +284,34 @@ def _sample(pool: list[dict], k: int, rng: random.Random) -> list[dict]:
     return [pool[i] for i in keep]
 
 
+def conversational(pair: dict) -> dict:
+    """A pair in trl's conversational form: ``prompt`` a user turn, ``chosen``/``rejected`` an
+    assistant turn each (``trl.data_utils.is_conversational`` is True), provenance columns kept.
+    A stock trl trainer then renders it with the model's chat template, as our training does."""
+    out = dict(pair)
+    if isinstance(out["prompt"], str):
+        out["prompt"] = [{"role": "user", "content": out["prompt"]}]
+    for column in ("chosen", "rejected"):
+        if isinstance(out[column], str):
+            out[column] = [{"role": "assistant", "content": out[column]}]
+    return out
+
+
+def text(value: str | list[dict]) -> str:
+    """The text of a prompt or an answer, in either form (a string, or conversational turns)."""
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
 def write(run: store.Run, spec: PrefSpec, data: list[dict], stats: PrefStats) -> None:
+    """``prefs/<name>.jsonl`` in trl's conversational form (``datasets.load_dataset("json", ...)``
+    reads it as it is) and ``prefs/<name>.stats.json`` (the spec and the counts)."""
     path = run.prefs(spec.name)
-    store.write_jsonl(path, data)
+    store.write_jsonl(path, [conversational(pair) for pair in data])
     store.write_json(path.with_suffix(".stats.json"), {"spec": spec.__dict__, **stats.__dict__})
 
 
 def load(run: store.Run, name: str) -> list[dict]:
+    """The records of ``prefs/<name>.jsonl`` (conversational; ``text`` gives a turn's text)."""
     path = run.prefs(name)
     if not path.exists():
         raise FileNotFoundError(f"no preference dataset {name!r} at {path} (build it in notebook 03_align)")
@@ -357,3 +378,36 @@ def build_sets(run: store.Run, specs: Sequence[PrefSpec], base_model: str) -> li
                  stats.candidates, stats.degenerate)
     store.write_csv(run.root / "prefs" / "summary.csv", rows)
     return rows
+
+
+def plan_sets(tasks: Sequence[str], types: Sequence[str], judge: str | None, extra: Sequence[str] = (),
+              sources: Sequence[str] = ("self",), cap: int = CAP, seed: int = 42, top_p: float = 0.5,
+              judge_mode: str = "logprob") -> list[PrefSpec]:
+    """The preference sets of a run: every type of ``types`` on every task of ``tasks`` from every
+    source of ``sources`` (direct and score labelled by ``judge``), then the ``extra`` sets, each
+    written ``"<source> <type>[@<judge>] <task>[+<task>...]"``, e.g. ``"mix oracle kc"`` (every
+    generator's answers) or ``"self score@gemma3-270m kc"`` (another judge's labels: one more point
+    of Figure 2); ``"self direct@tiny:text kc"`` takes that judge's text-mode verdicts. Judges are
+    named as in the profile; their judgments in ``judge_mode`` unless the set says otherwise."""
+    from .judge import judge_folder
+
+    def spec(kind: str, source: str, task_names: Sequence[str], by: str | None, mode: str) -> PrefSpec:
+        base = kind.split("+")[-1]
+        labelled = base in ("direct", "score") and kind not in CONTROLS
+        return PrefSpec(kind, source=source, tasks=tuple(task_names), cap=cap, seed=seed, top_p=top_p,
+                        judge=judge_folder(by, mode) if labelled and by else None)
+
+    specs = [spec(t, s, (task,), judge, judge_mode) for task in tasks for s in sources for t in types]
+    for line in extra:
+        words = line.split()
+        if len(words) != 3 or words[0] not in ("self", "mix"):
+            raise ValueError(f"extra preference set {line!r}: expected '<self|mix> <type>[@<judge>[:<mode>]] "
+                             "<task>[+<task>]', e.g. 'mix oracle kc' or 'self score@gemma3-270m kc'")
+        kind, _, labeller = words[1].partition("@")
+        by, _, mode = labeller.partition(":")
+        if kind not in TYPES:
+            raise ValueError(f"extra preference set {line!r}: type {kind!r} is not one of {TYPES}")
+        if mode not in ("", "text", "logprob"):
+            raise ValueError(f"extra preference set {line!r}: judge mode {mode!r} is not 'text' or 'logprob'")
+        specs.append(spec(kind, words[0], words[2].split("+"), by or judge, mode or judge_mode))
+    return list(dict.fromkeys(specs))

@@ -388,8 +388,9 @@ class HFModel:
             self.packed = packed.pack_model(self.model, fuse=self.options.fused)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        from .models import chat_format
         self.stop_ids = self._stop_ids()
-        self.stop_strings = tuple(stop_strings)
+        self.stop_strings = tuple(dict.fromkeys(tuple(stop_strings) + chat_format(self.tokenizer)))
         self._classes: constrain.TokenClasses | None = None      # built on the first constrained request
         self._plans: dict[tuple[str, str], constrain.Plan] = {}
         self.name = name if adapter is None else f"{name}+{Path(adapter).name}"

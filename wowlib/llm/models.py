@@ -8,6 +8,9 @@
 | ``llama-3-8b-instruct`` | the paper's open model (hub download; only when named) | hf / vllm |
 | ``gpt-4o``, ``gpt-3.5-turbo`` | the paper's API models (key from the environment) | openai |
 
+Any other model by name: a local checkpoint directory, or a hub id (``get_spec``); a base model
+without a chat template gets the plain transcript format (``chat_format``).
+
 GGUF models are dequantised once into a plain transformers checkpoint in the cache directory,
 keyed by the GGUF's sha256: transformers refuses to train or save a model that still carries its
 GGUF quantizer, so we rebuild a plain model from the same config and load the weights into it.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,11 +140,48 @@ def model_path(name: str) -> Path | str:
     raise ValueError(f"model {name!r} ({spec.backend}) has no local weights")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def get_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))} "
-                       "(or an OpenAI-compatible model as 'openai:<model>')")
-    return MODELS[name]
+    """The model called ``name``: a short name of the table above, a local checkpoint directory
+    (a ``config.json`` in it), or a hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"; downloaded by
+    transformers when first loaded, so only where the hub is reachable)."""
+    if name in MODELS:
+        return MODELS[name]
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = paths.REPO_ROOT / path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise KeyError(f"model {name!r}: the directory {path} holds no config.json (not a transformers checkpoint)")
+        return ModelSpec(name, "hf", f"local checkpoint {path.name}", prepare=lambda: path)
+    if _HUB_ID.fullmatch(name) and not Path(name).exists():
+        return ModelSpec(name, "hf", f"{name} (hub id)", hub_id=name)
+    raise KeyError(f"unknown model {name!r}: give a short name ({', '.join(sorted(MODELS))}), a local checkpoint "
+                   "directory, a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or an OpenAI-compatible "
+                   "model as 'openai:<model>'")
+
+
+def model_label(name: str) -> str:
+    """The name a model's outputs are filed under (run folders, table columns): a short name as it
+    is, a hub id with "--" for "/", a local checkpoint by its directory name."""
+    if name in MODELS or name.startswith("openai:"):
+        return name.replace("/", "--")
+    spec = get_spec(name)
+    if spec.prepare is not None:                     # a local directory
+        return Path(spec.prepare()).name
+    return name.replace("/", "--")
+
+
+def chat_format(tokenizer) -> tuple[str, ...]:
+    """Give a tokenizer without a chat template (a base model) the plain transcript format, and
+    return the stop strings that format needs (none for a model with its own template). Inference
+    and training both call this, so a base model is trained in the format it answers in."""
+    if tokenizer.chat_template:
+        return ()
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    return PLAIN_STOPS
 
 
 def load_llm(name: str, adapter: str | Path | None = None, backend: str | None = None, **options: Any):
@@ -158,5 +199,5 @@ def load_llm(name: str, adapter: str | Path | None = None, backend: str | None =
         from .vllm_backend import VLLMModel
         return VLLMModel(name, model_path(name), adapter=adapter, stop_strings=spec.stop_strings, **options)
     from .hf import HFModel, HFOptions
-    return HFModel(name, model_path(name), adapter=adapter, stop_strings=spec.stop_strings,
+    return HFModel(model_label(name), model_path(name), adapter=adapter, stop_strings=spec.stop_strings,
                    options=HFOptions(**options))
