@@ -68,6 +68,7 @@ def _launch(cmd: list[str], cwd: Path, timeout: float = 180) -> subprocess.Compl
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_the_tiny_model_on_cpu(tiny_dir, tmp_path) -> None:
     config = _config(tmp_path)
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -86,6 +87,7 @@ def test_accelerate_launch_trains_the_tiny_model_on_cpu(tiny_dir, tmp_path) -> N
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_writes_one_adapter_from_rank_0(tiny_dir, tmp_path) -> None:
     """What multi_gpu_ddp.yaml runs (torchrun under accelerate), on 2 CPU processes (gloo): every
     rank trains, rank 0 alone writes out_dir, the other rank's scratch directory is removed."""

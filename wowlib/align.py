@@ -320,14 +320,16 @@ def quantization_config(kind: str | None, bf16: bool):
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The model's tokenizer with a pad token (eos if it has none) and a chat template (required)."""
+    """The model's tokenizer with a pad token (eos if it has none) and a chat template: its own, or,
+    for a base model without one, the plain transcript format inference uses (``models.chat_format``)."""
     from transformers import AutoTokenizer
+
+    from .llm.models import chat_format
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template; training renders the pairs with it "
-                         "(as inference does), so give the checkpoint one (see wowlib.llm.models)")
+    if chat_format(tokenizer):
+        log.info("%s: no chat template; training in the plain transcript format inference uses", model_dir)
     return tokenizer
 
 
@@ -392,6 +394,7 @@ def build_trainer(config: AlignConfig, model_dir: str | Path, train_dataset: Ite
         "max_length": config.max_length, "logging_steps": config.logging_steps, "logging_first_step": True,
         "eval_strategy": "epoch" if eval_ds is not None else "no",
         "save_strategy": "no", "report_to": "none", "dataloader_num_workers": 0,
+        "disable_tqdm": True,       # one bar per stage (run_alignment), not trl's bars per adapter and phase
         "bf16": bf16, "fp16": False, "use_cpu": device == "cpu",
         # trl defaults it on; off unless asked (AlignConfig.activation_checkpointing)
         "activation_checkpointing": config.activation_checkpointing,
@@ -548,17 +551,19 @@ def reference_logps(trainer, n_pairs: int) -> list[tuple[float, float]] | None:
 
 
 def _quiet_progress(trainer):
-    """Keep trl's progress bar but send its per-step metric dicts to the log, not the terminal
-    (thousands of steps would bury the output); notebook progress widgets are left alone."""
-    from transformers import ProgressCallback
+    """No per-step output from the trainer: trl's bar per adapter (disabled, ``disable_tqdm``) and the
+    metric dicts transformers prints in its place (``PrinterCallback``) go; the per-step metrics stay in
+    ``train_log.json`` and the debug log. ``run_alignment`` shows one bar for the stage."""
+    from transformers import PrinterCallback, ProgressCallback
 
-    class QuietProgress(ProgressCallback):
+    class QuietLog(PrinterCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             log.debug("step %d: %s", state.global_step, logs)
 
-    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
+    for kind in (ProgressCallback, PrinterCallback):
+        if any(type(cb) is kind for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(kind)
+    trainer.add_callback(QuietLog())
     return trainer
 
 
@@ -778,7 +783,8 @@ def _upgrade_log(out_dir: Path, base_name: str) -> None:
 
 def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, out_dir: Path,
           eval_prefs: list[dict] | Any | None = None, base_model: str | None = None,
-          overwrite: bool | None = None, reference_cache: ReferenceCache | None = None) -> Path:
+          overwrite: bool | None = None, reference_cache: ReferenceCache | None = None,
+          about: dict[str, Any] | None = None) -> Path:
     """Train a LoRA adapter and save it (adapter files + ``train_log.json``) into ``out_dir``.
 
     Skips training when ``out_dir`` already holds a complete run with the same key (config, data,
@@ -791,7 +797,12 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
     complete run made with other settings (config, base model) raises ``store.OverwriteError``
     unless ``overwrite=True`` (or ``WOW_OVERWRITE=1``); new data is not a setting: it retrains.
     ``reference_cache``: where a DPO-family trainer finds (or leaves) the reference log-probs of
-    these pairs, so that other configurations on the same data skip that pass.
+    these pairs, so that other configurations on the same data skip that pass. ``about``: what the
+    adapter was trained on (preference set, type, task...), for its model card.
+
+    The adapter folder works outside this project: ``adapter_config.json`` names the base model
+    portably, the tokenizer (with the chat template training used) is saved beside the weights,
+    and ``README.md`` is a model card (base model, data, trainer and config, training metrics).
     """
     out_dir = Path(out_dir)
     store.remove_stale_tmp(out_dir.parent)
@@ -829,11 +840,13 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
             peft_config.base_model_name_or_path = base_name    # not the machine's cache path
         trainer.model.save_pretrained(str(tmp))          # a PeftModel: only the adapter
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-        (tmp / "README.md").unlink(missing_ok=True)       # peft's empty model card
+        trainer.processing_class.save_pretrained(str(tmp))     # with the chat template training used
+        state = trainer.state
+        (tmp / "README.md").write_text(model_card(config, base_name, n_used, state, result.training_loss,
+                                                  resolve_precision(config), about or {}), encoding="utf-8")
         missing = [f for f in ADAPTER_FILES if not (tmp / f).exists()]
         if missing:
             raise RuntimeError(f"the trainer saved no PEFT adapter ({missing} missing in {tmp})")
-        state = trainer.state
         pairs_seen = state.global_step * config.per_device_train_batch_size * config.gradient_accumulation_steps
         store.write_json(tmp / LOG_FILE, {       # last: its checksums make the adapter count as trained
             "key": key, "config": config.to_dict(), "base_model": base_name,
@@ -855,6 +868,33 @@ def train(config: AlignConfig, model_dir: str | Path, prefs: list[dict] | Any, o
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: trained in %.1f s (%.3f s per pair)", out_dir, train_seconds, train_seconds / max(pairs_seen, 1))
     return out_dir
+
+
+def model_card(config: AlignConfig, base_name: str, n_pairs: int, state, train_loss: float, precision: str,
+               about: dict[str, Any]) -> str:
+    """The adapter's README.md: a Hugging Face model card (YAML header: base model, library, tags)
+    saying what it was trained on, how, and how it went."""
+    margins = [e["rewards/margins"] for e in state.log_history if "rewards/margins" in e]
+    lines = ["---", f"base_model: {base_name}", "library_name: peft", "tags:", "- lora", f"- {config.trainer}",
+             "- trl", "- varying-shades-of-wrong", "---", "",
+             f"# LoRA adapter: {config.trainer.upper()} on {about.get('prefs', 'a preference set')}", "",
+             "Trained by `wowlib` (a reproduction of *Varying Shades of Wrong: Aligning LLMs with Wrong Answers Only*, "
+             "Yao et al., ICLR 2025) on wrong-over-wrong preferences.", "",
+             "| | |", "|---|---|", f"| base model | `{base_name}` |"]
+    lines += [f"| {k.replace('_', ' ')} | {v} |" for k, v in about.items() if v not in (None, "")]
+    lines += [f"| pairs trained | {n_pairs} |", f"| trainer | {config.trainer} (trl) |",
+              f"| learning rate, scheduler | {config.learning_rate:g}, {config.lr_scheduler_type} |",
+              f"| epochs, weight decay, beta | {config.num_train_epochs:g}, {config.weight_decay:g}, {config.beta:g} |",
+              f"| LoRA r, alpha | {config.lora_r}, {config.lora_alpha} on {', '.join(config.target_modules)} |",
+              f"| precision | {precision} |", f"| steps | {state.global_step} |", f"| final training loss | {train_loss:.4f} |"]
+    if margins:
+        lines.append(f"| reward margin, first and last logged step | {margins[0]:.4f} -> {margins[-1]:.4f} |")
+    lines += ["", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "base = AutoModelForCausalLM.from_pretrained(\"<the base model's directory or hub id>\")",
+              "model = PeftModel.from_pretrained(base, \"<this folder>\")",
+              "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")   # the chat template used in training",
+              "```", ""]
+    return "\n".join(lines)
 
 
 def read_log(out_dir: Path) -> dict:
@@ -934,23 +974,36 @@ def run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob],
 
 
 def _run_alignment(run: store.Run, base_model: str, jobs: Sequence[AlignJob]) -> list[dict[str, Any]]:
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from tqdm.auto import tqdm
+
     from .llm.models import model_path
-    from .prefs import load
     model_dir = model_path(base_model)
     references = ReferenceCache(run.root / "models" / ".reference")
-    rows = []
-    for k, job in enumerate(jobs, 1):
-        log.info("[%d/%d] %s", k, len(jobs), job.model)
-        out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model), base_model=base_model,
-                    reference_cache=references)
-        train_log = read_log(out)
-        margins, accuracies = history(train_log, "rewards/margins"), history(train_log, "rewards/accuracies")
-        rows.append({**job_metadata(run, job), "base_model": base_model, "n_pairs": train_log["n_pairs"],
-                     "steps": train_log["global_steps"], "train_seconds": train_log["train_seconds"],
-                     "train_loss": train_log["train_loss"], "final_margin": margins[-1] if margins else None,
-                     "final_accuracy": accuracies[-1] if accuracies else None})
+    disable_progress_bar()                # trl's per-adapter tokenising bars; one bar for the stage below
+    try:
+        bar = tqdm(jobs, desc="training adapters", unit="adapter")
+        rows = [_train_job(run, base_model, model_dir, job, references, bar) for job in bar]
+    finally:
+        enable_progress_bar()
     store.write_csv(run.root / "models" / "summary.csv", rows)
     return rows
+
+
+def _train_job(run: store.Run, base_model: str, model_dir, job: AlignJob, references: ReferenceCache,
+               bar) -> dict[str, Any]:
+    """Train (or reuse) one job's adapter; its row of ``models/summary.csv``."""
+    from .prefs import load
+    bar.set_postfix_str(job.model[:60])
+    meta = job_metadata(run, job)
+    about = {k: meta.get(k) for k in ("prefs", "preference", "source", "train_task", "judge")}
+    out = train(job.config, model_dir, load(run, job.prefs), run.model(job.model), base_model=base_model,
+                reference_cache=references, about=about)
+    train_log = read_log(out)
+    margins, accuracies = history(train_log, "rewards/margins"), history(train_log, "rewards/accuracies")
+    return {**meta, "base_model": base_model, "n_pairs": train_log["n_pairs"], "steps": train_log["global_steps"],
+            "train_seconds": train_log["train_seconds"], "train_loss": train_log["train_loss"],
+            "final_margin": margins[-1] if margins else None, "final_accuracy": accuracies[-1] if accuracies else None}
 
 
 def loss_shapes(margins: Sequence[float], beta: float = 0.1):
@@ -1100,9 +1153,14 @@ def load_cli_config(path: str | Path) -> CLIJob:
 
 
 def _cli_model_dir(base_model: str) -> str | Path:
-    from .llm.models import MODELS, model_path
+    from .llm.models import MODELS, get_spec, model_path
     if base_model in MODELS:
         return model_path(base_model)
+    try:
+        get_spec(base_model)
+        return model_path(base_model)
+    except KeyError:
+        pass
     directory = _cli_path(base_model, "base_model")
     if (directory / "config.json").exists():
         return directory
