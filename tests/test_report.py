@@ -2,7 +2,7 @@
 
 The run directory is built here from hand-made records through the library's own writers
 (``elicit.write_elicitation``, ``evaluate.metrics_table`` / ``select_configs`` /
-``improvement_rows`` / ``table2``...), following the contract of DESIGN.md section 4, so the
+``improvement_rows`` / ``table2``...), following the contract of docs/design.md, so the
 report is tested on the same file shapes the pipeline writes. Planted facts: the headline aligned
 model on kc moves question ``kc-t3`` from proxy 0 to 2/3 (Table 5 must pick it).
 """
@@ -32,7 +32,7 @@ EXPECTED = [f"{stem}.{ext}" for stem, exts in (
     ("table2_forest", "png pdf"), ("table3_row_mixes", "csv md"), ("table4_generalisation", "csv md"),
     ("controls", "csv md"), ("figure2_elicitation_vs_gain", "png pdf csv md"),
     ("reliability_kc", "png pdf"), ("reliability_nlgraph_shortest_path", "png pdf"),
-    ("reward_margins", "png pdf"), ("table5_examples", "csv md"), ("index", "md"),
+    ("reward_margins", "png pdf"), ("table5_examples", "csv md"), ("power_analysis", "csv md"), ("index", "md"),
 ) for ext in exts.split()]
 PHASE1 = [f for f in EXPECTED if f.split(".")[0] in ("table1_elicitation", "shade_bins", "dataset_stats", "index")]
 

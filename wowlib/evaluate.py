@@ -1,6 +1,6 @@
 """Phase 2 evaluation: is the aligned model less wrong, more correct, better calibrated?
 
-From the answer records of DESIGN.md section 4 (one dict per (question, sample), the same as the
+From the answer records of the run directory (docs/design.md; one dict per (question, sample), the same as the
 Phase 1 samples), this module computes, per (model, task):
 
 - ``p_wrong``: the mean proxy of the WRONG answers ("less wrong"). As in the paper's code, an
@@ -607,6 +607,21 @@ ORIGINAL = "original"            # the preference column of the un-aligned model
 # Generalisation pairs that exist here (paper: COM2 -> HellaSwag is not reproducible, no COM2
 # data; NLGraph shortest path -> max flow is).
 GENERALISATION = {"nlgraph_shortest_path": ("nlgraph_flow",), "kc": ("mmlu_pro",)}
+
+
+def generalisation_pairs(pairs: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+    """Train task -> unseen tasks, from ``"train->unseen"`` strings (all of ``GENERALISATION``
+    when empty); a pair outside ``GENERALISATION`` is an error naming the known ones."""
+    if not pairs:
+        return dict(GENERALISATION)
+    known = [f"{a}->{b}" for a, bs in GENERALISATION.items() for b in bs]
+    out: dict[str, tuple[str, ...]] = {}
+    for pair in pairs:
+        train, _, unseen = pair.partition("->")
+        if f"{train.strip()}->{unseen.strip()}" not in known:
+            raise ValueError(f"generalisation pair {pair!r} is not one of {known}")
+        out[train.strip()] = out.get(train.strip(), ()) + (unseen.strip(),)
+    return out
 GROUP = ("task", "prefs", "trainer")   # selection groups: one winner per preference set x trainer
 
 

@@ -1,6 +1,6 @@
 """Every table and figure of the paper, in our setting, from a run directory alone (no model).
 
-Reads the files of DESIGN.md section 4 (``elicitation/``, ``prefs/``, ``models/``, ``eval/``) and
+Reads the files of the run directory (docs/design.md: ``elicitation/``, ``prefs/``, ``models/``, ``eval/``) and
 writes into an output folder (default: the repository's ``figures/``) PNG + PDF for figures and
 CSV + Markdown for tables, under fixed names:
 
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import paths, store
+from . import paths, stats, store
 from .evaluate import CONTROL_PREFERENCES, ROW_PREFERENCES, WOW_PREFERENCES, to_markdown
 
 log = logging.getLogger(__name__)
@@ -540,16 +540,18 @@ def _generators_of(row: pd.Series, eval_models: pd.DataFrame | None, known: Sequ
 
 
 def elicitation_accuracy(rows: pd.DataFrame, task: str, generators: Sequence[str], method: str, judge: str,
-                         margin: float) -> tuple[float, int] | None:
-    """The accuracy (pair-weighted over ``generators``) and pairs of one elicitation row of
-    ``elicitation/rows.csv``; None if there is no such row."""
+                         margin: float) -> tuple[float, int, float, float] | None:
+    """The accuracy (pair-weighted over ``generators``), pairs and 95% interval of one elicitation
+    row of ``elicitation/rows.csv``; None if there is no such row. The interval is the row's own
+    (questions resampled) for one generator; pooled over several it is not in the table: NaN."""
     hit = rows[(rows["task"] == task) & rows["generator"].isin(list(generators)) & (rows["method"] == method)
                & (rows["judge"].astype(str) == str(judge)) & np.isclose(rows["margin"].astype(float), margin)]
     hit = hit[hit["n_pairs"] > 0]
     if hit.empty:
         return None
     n = hit["n_pairs"].to_numpy(float)
-    return float((hit["accuracy"].to_numpy(float) * n).sum() / n.sum()), int(n.sum())
+    low, high = (float(hit["ci_low"].iloc[0]), float(hit["ci_high"].iloc[0])) if len(hit) == 1 else (math.nan, math.nan)
+    return float((hit["accuracy"].to_numpy(float) * n).sum() / n.sum()), int(n.sum()), low, high
 
 
 def _pick_trainer(imp: pd.DataFrame, trainer: str | None) -> str | None:
@@ -586,9 +588,11 @@ def figure2_points(rows: pd.DataFrame, improvements: pd.DataFrame, eval_models: 
                        "trainer": r.get("trainer"), "source": r.get("source"),
                        **{c: r[c] for c in ELICITATION_COLUMNS}, "generators": "+".join(gens),
                        "elicitation_accuracy": found[0], "elicitation_pairs": found[1],
+                       "elicitation_low": found[2], "elicitation_high": found[3],
                        **{k: r.get(k, np.nan) for k in ("delta_p_wrong", "delta_p_wrong_low", "delta_p_wrong_high")}})
     columns = ["task", "label", "preference", "trainer", "source", *ELICITATION_COLUMNS, "generators",
-               "elicitation_accuracy", "elicitation_pairs", "delta_p_wrong", "delta_p_wrong_low", "delta_p_wrong_high"]
+               "elicitation_accuracy", "elicitation_pairs", "elicitation_low", "elicitation_high", "delta_p_wrong",
+               "delta_p_wrong_low", "delta_p_wrong_high"]
     out = pd.DataFrame(points, columns=columns)
     return out.sort_values(["task", "label"], kind="mergesort").reset_index(drop=True)
 
@@ -611,31 +615,14 @@ class Correlation:
 
 def pearson(x: Sequence[float], y: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = SEED,
             level: float = 0.95) -> Correlation:
-    """Pearson's r with a percentile bootstrap CI over points (seeded). Fewer than 3 points: NaN.
-    Resamples in which an axis is constant (r undefined) are left out of the percentiles."""
+    """Pearson's r with a percentile bootstrap interval over points (``wowlib.stats``: the points,
+    preference sets, are the unit resampled). Fewer than 3 points, or an axis that does not vary:
+    NaN; a resample with a constant axis leaves the interval undefined (NaN)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    n = len(x)
-    if n < 3:
-        return Correlation(n, math.nan, math.nan, math.nan)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return Correlation(n, math.nan, math.nan, math.nan)
-    r = float(_pearson_rows(x[None, :], y[None, :])[0])
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    rs = _pearson_rows(x[idx], y[idx])
-    rs = rs[np.isfinite(rs)]
-    if len(rs) < 2:
-        return Correlation(n, r, math.nan, math.nan)
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(rs, [tail, 100 - tail])
-    return Correlation(n, r, float(low), float(high))
-
-
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    xc = x - x.mean(axis=1, keepdims=True)
-    yc = y - y.mean(axis=1, keepdims=True)
-    den = np.sqrt((xc ** 2).sum(axis=1) * (yc ** 2).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 1e-15, (xc * yc).sum(axis=1) / np.where(den > 1e-15, den, 1.0), np.nan)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return Correlation(len(x), math.nan, math.nan, math.nan)
+    r = stats.pearson_interval(x, y, n_resamples=n_resamples, seed=seed, confidence=level)
+    return Correlation(len(x), r.estimate, r.low, r.high)
 
 
 def figure2(run: RunLike, out_dir: Path, trainer: str | None = None) -> Artifact:
@@ -669,9 +656,10 @@ def _scatter(points: pd.DataFrame, corr: Correlation):
     colours = preference_colours(prefs)
     markers = dict(zip(sorted(points["task"].astype(str).unique()), "osD^vP*X"))
     for _, p in points.iterrows():
-        est = float(p["delta_p_wrong"])
-        err = np.nan_to_num(np.abs([[est - float(p["delta_p_wrong_low"])], [float(p["delta_p_wrong_high"]) - est]]))
-        ax.errorbar(p["elicitation_accuracy"], est, yerr=err, fmt=markers[str(p["task"])],
+        est, acc = float(p["delta_p_wrong"]), float(p["elicitation_accuracy"])
+        yerr = np.nan_to_num(np.abs([[est - float(p["delta_p_wrong_low"])], [float(p["delta_p_wrong_high"]) - est]]))
+        xerr = np.nan_to_num(np.abs([[acc - float(p["elicitation_low"])], [float(p["elicitation_high"]) - acc]]))
+        ax.errorbar(acc, est, xerr=xerr, yerr=yerr, fmt=markers[str(p["task"])],
                     color=colours[str(p["preference"])], capsize=4, markersize=10)
     if corr.n >= 3 and math.isfinite(corr.r):
         slope, intercept = np.polyfit(points["elicitation_accuracy"].astype(float),
@@ -690,6 +678,49 @@ def _scatter(points: pd.DataFrame, corr: Correlation):
     if handles:
         ax.legend(handles=handles, loc="lower right", fontsize=12)
     return fig
+
+
+# ---------------------------------------------------------------------------- power
+
+# The paper's average gains (its Table 2): the effects a reproduction should be able to see.
+PAPER_EFFECTS = {"delta_p_wrong": 0.074, "delta_accuracy": 0.045, "neg_delta_ece": 0.044}
+POWER_TARGETS = {"delta_p_wrong": 0.05, "delta_accuracy": 0.045, "neg_delta_ece": 0.044}
+
+
+def power_frame(improvements: pd.DataFrame) -> pd.DataFrame:
+    """Per task and metric: the run's questions, the standard error of an improvement (from the
+    width of its 95% question-level interval, median over the in-domain rows), the minimum effect
+    detectable at 80% power and the 5% level, and the questions needed to detect the target
+    (Δp_wrong 0.05; the paper's average ΔAcc 4.5 points and -ΔECE 0.044)."""
+    rows = []
+    imp = improvements[_in_domain(improvements)]
+    for task, part in imp.groupby("task", sort=True):
+        n = int(part["n_questions"].median())
+        for metric, target in POWER_TARGETS.items():
+            widths = (part[f"{metric}_high"] - part[f"{metric}_low"]).astype(float).dropna()
+            if widths.empty:
+                continue
+            se = float(widths.median()) / (2 * 1.959964)
+            rows.append({"task": task, "metric": metric, "questions": n, "standard_error": se,
+                         "minimum_detectable_effect": stats.minimum_detectable_effect(se), "target": target,
+                         "paper_average": PAPER_EFFECTS[metric],
+                         "questions_for_target": stats.questions_needed(se, n, target)})
+    return pd.DataFrame(rows, columns=["task", "metric", "questions", "standard_error", "minimum_detectable_effect",
+                                       "target", "paper_average", "questions_for_target"])
+
+
+def power_analysis(run: RunLike, out_dir: Path) -> Artifact:
+    """How large an effect this run could detect, and how many questions the target needs."""
+    run, name = as_run(run), "power_analysis"
+    imp = read_table(run, "eval/improvements.csv")
+    if imp is None:
+        return _skip(name, _missing(run, "eval/improvements.csv"))
+    frame = power_frame(imp)
+    if frame.empty:
+        return _skip(name, "no in-domain improvement row with an interval")
+    caption = ("**Power.** Minimum detectable effect (80% power, two-sided 5% level) from the width of this run's "
+               "question-level intervals, and the test questions a target effect needs (SE ~ 1/sqrt(questions)).")
+    return Artifact(name, save_table(frame, out_dir, name, caption=caption), frame)
 
 
 # ---------------------------------------------------------------------------- reliability
@@ -839,27 +870,37 @@ def reward_margins(run: RunLike, out_dir: Path) -> Artifact:
     curves = train_curves(run)
     if curves.empty:
         return _skip(name, "no `models/*/train_log.json` with `rewards/margins` in the run directory")
-    import seaborn as sns
     metrics = [m for m in ("rewards/margins", "rewards/accuracies") if (curves["metric"] == m).any()]
     fig = new_figure(7.5 * len(metrics) + 2.0, 5.5)
     axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)).ravel()
     hue_order = preference_sorted(curves["preference"])
-    style_order = sorted(curves["trainer"].unique())
-    style = "trainer" if len(style_order) > 1 else None
-    for k, (ax, metric) in enumerate(zip(axes, metrics)):
-        sns.lineplot(curves[curves["metric"] == metric], x="step", y="value", hue="preference", style=style,
-                     units="model", estimator=None, hue_order=hue_order, style_order=style_order if style else None,
-                     palette=preference_colours(hue_order), ax=ax, legend=k == len(metrics) - 1)
+    colours = preference_colours(hue_order)
+    dashes = dict(zip(sorted(curves["trainer"].unique()), ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))] * 3))
+    for ax, metric in zip(axes, metrics):
+        for model, part in curves[curves["metric"] == metric].groupby("model", sort=True):
+            part = part.sort_values("step")
+            colour = colours[str(part["preference"].iloc[0])]
+            ax.plot(part["step"], part["value"], "o", color=colour, alpha=0.18, markersize=3)      # raw, faint
+            ax.plot(part["step"], smoothed(part["value"].to_numpy(float)), color=colour, linewidth=2,
+                    linestyle=dashes[str(part["trainer"].iloc[0])])
         ax.set_ylabel(metric.split("/")[1].replace("margins", "reward margin").replace("accuracies", "reward accuracy"))
         ax.set_xlabel("training step")
     if "rewards/margins" in metrics:
         axes[0].axhline(0.0, color="grey", linestyle="--", linewidth=1)
-    legend = axes[len(metrics) - 1].get_legend()
-    if legend is not None:
-        legend.set_loc("center left")
-        legend.set_bbox_to_anchor((1.02, 0.5))
-    fig.suptitle("Reward margins during preference optimisation")
+    handles = [_line_handle(colours[p], p) for p in hue_order]
+    if len(dashes) > 1:
+        from matplotlib.lines import Line2D
+        handles += [Line2D([], [], color="grey", linestyle=d, label=t) for t, d in dashes.items()]
+    axes[len(metrics) - 1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("Reward margins during preference optimisation (lines: running mean; dots: each logged step)")
     return Artifact(name, save_figure(fig, out_dir, name), curves)
+
+
+def smoothed(values: np.ndarray, share: float = 0.15) -> np.ndarray:
+    """A centred running mean over ``share`` of the curve's points (at least 1, odd): the trend,
+    with the step-to-step noise of batch-1 training averaged out."""
+    window = max(1, int(len(values) * share) // 2 * 2 + 1)
+    return pd.Series(values).rolling(window, center=True, min_periods=1).mean().to_numpy()
 
 
 # ---------------------------------------------------------------------------- Table 5
@@ -915,16 +956,13 @@ def pick_example(original: Sequence[dict], aligned: Sequence[dict]) -> dict[str,
             "aligned_correct": bool(new.get("correct"))}
 
 
-def headline_model(rows: pd.DataFrame) -> pd.Series | None:
-    """The aligned model whose example Table 5 shows for a task: among in-domain rows, the WoW
+def headline_order(rows: pd.DataFrame) -> pd.DataFrame:
+    """The aligned models of one task in the order Table 5 tries them: among in-domain rows, the WoW
     preferences (Table 2) first, then right-over-wrong mixes, then the rest; within those the
-    largest Δp_wrong (ties: the first label)."""
-    if rows.empty:
-        return None
+    largest Δp_wrong first (ties: the first label)."""
     tier = rows["preference"].map(lambda p: 0 if p in WOW_PREFERENCES else 1 if p in ROW_PREFERENCES else 2)
     gain = rows["delta_p_wrong"].astype(float).fillna(-math.inf)
-    order = rows.assign(_tier=tier, _gain=-gain).sort_values(["_tier", "_gain", "label"], kind="mergesort")
-    return order.iloc[0]
+    return rows.assign(_tier=tier, _gain=-gain).sort_values(["_tier", "_gain", "label"], kind="mergesort")
 
 
 def _test_records(run: store.Run, model: str, task: str) -> list[dict]:
@@ -933,21 +971,29 @@ def _test_records(run: store.Run, model: str, task: str) -> list[dict]:
 
 def table5_frame(run: store.Run, improvements: pd.DataFrame, eval_models: pd.DataFrame | None,
                  ) -> tuple[pd.DataFrame, list[str]]:
-    """One example per task (see ``headline_model`` and ``pick_example``) and notes on tasks
+    """One example per task (see ``headline_order`` and ``pick_example``) and notes on tasks
     without one."""
     examples, notes = [], []
     for task, rows in _aligned_by_task(improvements).items():
-        row = headline_model(rows)
-        original = original_of(row["label"], eval_models) if row is not None else None
-        if original is None:
-            notes.append(f"{task}: no original model in eval/models.csv")
-            continue
-        example = pick_example(_test_records(run, original, task), _test_records(run, row["label"], task))
-        if example is None:
-            notes.append(f"{task}: no D_test question where {row['label']} has a higher mean proxy")
-            continue
-        examples.append({"task": task, "model": row["label"], "preference": row.get("preference"),
-                         "trainer": row.get("trainer"), "original": original, **example})
+        tried = []
+        for rank, (_, row) in enumerate(headline_order(rows).iterrows()):
+            original = original_of(row["label"], eval_models)
+            if original is None:
+                continue
+            example = pick_example(_test_records(run, original, task), _test_records(run, row["label"], task))
+            if example is None:
+                tried.append(row["label"])
+                continue
+            if tried:
+                notes.append(f"{task}: no D_test question where {', '.join(tried)} has a higher mean proxy; "
+                             f"shown: {row['label']} (rank {rank + 1} of {len(rows)})")
+            examples.append({"task": task, "model": row["label"], "rank": rank + 1,
+                             "preference": row.get("preference"), "trainer": row.get("trainer"),
+                             "original": original, **example})
+            break
+        else:
+            notes.append(f"{task}: no aligned model has a D_test question with a higher mean proxy"
+                         if tried else f"{task}: no original model in eval/models.csv")
     return pd.DataFrame(examples), notes
 
 
@@ -971,8 +1017,9 @@ def table5(run: RunLike, out_dir: Path) -> Artifact:
         "mean proxy before → after": [f"{b:.2f} → {a:.2f}" for b, a in
                                       zip(table["original_mean_proxy"], table["aligned_mean_proxy"])]})
     caption = ("**Table 5.** Qualitative examples, chosen by a rule: per task, the aligned model with the best "
-               "Δp_wrong among WoW preferences, and the D_test question on which its mean proxy over samples rose "
-               "most over the original model's; shown are the original's lowest-proxy answer and the aligned "
+               "Δp_wrong among WoW preferences (then right-over-wrong mixes, then the rest; the next one when a "
+               "model improved on no question), and the D_test question on which its mean proxy over samples "
+               "rose most over the original model's; shown are the original's lowest-proxy answer and the aligned "
                f"model's highest-proxy answer (texts truncated to {TEXT_CHARS} characters).")
     return Artifact(name, save_table(table, out_dir, name, md, caption), table, note="; ".join(notes))
 
@@ -983,7 +1030,7 @@ ITEMS: dict[str, Callable[[RunLike, Path], Artifact]] = {
     "table1": table1, "shade_bins": shade_bins, "dataset_stats": dataset_stats, "prefs_summary": prefs_summary,
     "training_summary": training_summary, "table2": table2, "table3": table3, "table4": table4,
     "controls": controls, "figure2": figure2, "reliability": reliability, "reward_margins": reward_margins,
-    "table5": table5,
+    "table5": table5, "power": power_analysis,
 }
 
 

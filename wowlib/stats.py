@@ -45,11 +45,13 @@ def cluster_index(clusters: Sequence) -> tuple[np.ndarray, int]:
 
 
 def cluster_bootstrap(clusters: Sequence, statistic: Callable[[np.ndarray], np.ndarray],
-                      n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                      confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      n_resamples: int = N_RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE,
+                      drop_undefined: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(estimate, low, high), one entry per statistic, resampling the clusters of ``clusters``
     (one label per unit; the question id) with replacement. With fewer than two clusters there
-    is nothing to resample: the interval is NaN."""
+    is nothing to resample: the interval is NaN. A statistic undefined on some resample gets a NaN
+    interval, or, with ``drop_undefined`` (a correlation, undefined when a resample repeats one
+    point), the percentiles of the resamples where it is defined."""
     index, n_clusters = cluster_index(clusters)
     n_units = len(index)
     estimate = np.asarray(statistic(np.ones((1, n_units))), dtype=float).reshape(-1, 1)[:, 0]
@@ -67,7 +69,7 @@ def cluster_bootstrap(clusters: Sequence, statistic: Callable[[np.ndarray], np.n
         parts.append(np.asarray(statistic(counts[:, index]), dtype=float).reshape(len(estimate), b))
     values = np.concatenate(parts, axis=1)
     alpha = (1 - confidence) / 2
-    undefined = np.isnan(values).any(axis=1)
+    undefined = np.isnan(values).all(axis=1) if drop_undefined else np.isnan(values).any(axis=1)
     with np.errstate(invalid="ignore"):
         low, high = np.nanquantile(values, [alpha, 1 - alpha], axis=1) if values.size else (nan, nan)
     return estimate, np.where(undefined, np.nan, low), np.where(undefined, np.nan, high)
@@ -116,7 +118,7 @@ def pearson_interval(x: Sequence[float], y: Sequence[float], clusters: Sequence 
                      n_resamples: int = N_RESAMPLES, seed: int = SEED,
                      confidence: float = CONFIDENCE) -> Interval:
     """Pearson's r of (x, y) with a bootstrap interval over ``clusters`` (default: each point is
-    its own cluster). A resample with a constant x or y has no r: the interval is then NaN."""
+    its own cluster). A resample with a constant x or y has no r and is left out of the percentiles."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3:
         return Interval(math.nan, math.nan, math.nan)
@@ -130,5 +132,20 @@ def pearson_interval(x: Sequence[float], y: Sequence[float], clusters: Sequence 
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where((sx > 1e-12) & (sy > 1e-12), cov / (sx * sy), np.nan)[None, :]
     est, low, high = cluster_bootstrap(range(len(x)) if clusters is None else clusters, statistic,
-                                       n_resamples, seed, confidence)
+                                       n_resamples, seed, confidence, drop_undefined=True)
     return Interval(float(est[0]), float(low[0]), float(high[0]))
+
+
+def minimum_detectable_effect(standard_error: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true effect a two-sided test at level ``alpha`` detects with probability
+    ``power``, for an estimate with this standard error: (z_{1-alpha/2} + z_{power}) x SE."""
+    from scipy.stats import norm
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * standard_error)
+
+
+def questions_needed(standard_error: float, n_questions: int, target: float, alpha: float = 0.05,
+                     power: float = 0.8) -> int:
+    """Questions for a minimum detectable effect of ``target``, scaling the standard error measured
+    on ``n_questions`` questions as 1 / sqrt(questions) (questions are the independent unit)."""
+    mde = minimum_detectable_effect(standard_error, alpha, power)
+    return int(math.ceil(n_questions * (mde / target) ** 2))
