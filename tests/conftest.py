@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The real datasets (WOW_DATA_DIR; CI sets ../shared/data). Missing data is a failure, not a
+    """The real datasets (WOW_DATA_DIR; CI points it at its copy). Missing data is a failure, not a
     skip: the task tests are the proof that the loaders read the original files."""
     from wowlib import paths
     path = paths.data_dir()

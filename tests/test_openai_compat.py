@@ -222,6 +222,7 @@ def test_api_key_never_leaks(stub, secret_env, tmp_path, caplog):
 
 # ---------------------------------------------------------------------- transformers serve
 
+@pytest.mark.slow
 def test_real_completion_through_transformers_serve(real_server, tmp_path):
     """A real answer of the tiny model through HTTP, cached; a second call is a cache hit."""
     llm = OpenAIChat(real_server["model"], base_url=real_server["url"], timeout=120, max_retries=1, backoff=0.01)

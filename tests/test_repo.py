@@ -104,3 +104,14 @@ def test_the_cpu_cap_turns_off_what_the_cpu_would_choose(monkeypatch) -> None:
     import pytest
     with pytest.raises(ValueError, match="WOW_CPU_ISA"):
         cpu.cap()
+
+
+def test_no_file_cites_a_document_outside_the_repository() -> None:
+    """The design notes live in docs/design.md; nothing points at a plan that is not shipped."""
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "wowlib", "tests", "notebooks", "docs", "README.md", "benchmarks"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    offenders = [f for f in files if (REPO / f).suffix in (".py", ".md", ".ipynb")
+                 and any(s in (REPO / f).read_text(encoding="utf-8") for s in ("DESIGN.md", "../shared", "NOTES.md"))
+                 and f != "tests/test_repo.py"]
+    assert not offenders, offenders

@@ -14,8 +14,17 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "paths", "tasks", "llm", "store", "sample", "judge", "elicit", "prefs", "align",
-    "evaluate", "report", "config", "shard",
+    "evaluate", "report", "config", "shard", "stats", "data",
 }
+
+
+def show(*objects: Any):
+    """The source of library functions, as a notebook shows them (the method in view, read from
+    the code that runs it, never a copy that could drift)."""
+    import inspect
+
+    from IPython.display import Markdown
+    return Markdown("\n\n".join(f"```python\n{inspect.getsource(obj).rstrip()}\n```" for obj in objects))
 
 
 def __getattr__(name: str) -> Any:

@@ -486,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_fetch.add_argument("--data-dir", type=Path, help="where to put them (default: WOW_DATA_DIR or data/)")
     p_fetch.add_argument("--mirror", help=f"base URL replacing {RAW_BASE} (default: ${MIRROR_ENV})")
     p_fetch.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_fetch.add_argument("--with-optional", action="store_true",
+                         help="with --tasks: also the files a task reads only on request (KC's MC_easy variant)")
     p_check = sub.add_parser("check", help="which files a profile needs: present, missing or corrupt")
     p_check.add_argument("profile", help="a profile name (configs/<name>.yaml) or a path to a YAML file")
     p_check.add_argument("--data-dir", type=Path, help="the data directory (default: WOW_DATA_DIR or data/)")
@@ -509,7 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fetch: unknown task(s) {', '.join(bad)}; known: {', '.join(known_tasks())}", file=sys.stderr)
         return 2
     manual = [t for t in tasks or [] if t in MANUAL]
-    sources = sources_for(tasks)
+    # every file when no task is named; for named tasks the files they read by default (and the
+    # optional ones with --with-optional), which is what `check` asks for
+    sources = sources_for(tasks, optional=tasks is None or args.with_optional)
     base = mirror_base(args.mirror)
     print(f"fetching {len(sources)} file{'s' if len(sources) != 1 else ''} into {data_dir} from {base}")
     results = fetch(sources, data_dir, base=base, progress=not args.no_progress)
