@@ -6,8 +6,10 @@
 Every row trains the same LoRA DPO adapter (r=16, one epoch, batch 1: the paper's) on the same pairs, in a
 fresh process (so the peak RSS is the row's own), and reports pairs/s, the ratio to the first row, the peak
 RSS and the model FLOPs utilisation: (6 N T_policy + 2 N T_reference) / seconds over the matmul rate of the
-row's precision measured in the same run (N: parameters; T: the tokens the row computes: both sequences of
-each pair as trl builds them, or, packed, each prompt once; padding not counted). Rows, cumulative:
+row's precision measured in the same run. N counts the parameters a token is multiplied by: the layers, and
+the LM head (tied to the 28M-parameter embedding) only for the tokens projected through it (every position
+in trl's forward, the answers' tokens when packed); T: the tokens the row computes (both sequences of each
+pair as trl builds them, or, packed, each prompt once; padding not counted). Rows, cumulative:
 
 1. ``baseline``: the cpu profile before this benchmark: fp32, activation checkpointing, trl's two
    sequences per pair, the reference log-probs computed by the run itself;
@@ -72,12 +74,12 @@ def bench_pairs(model: str, n_pairs: int, max_new_tokens: int, seed: int = 0) ->
     return pairs
 
 
-def token_counts(model_dir, pairs: list[dict]) -> tuple[int, int, int]:
+def token_counts(model_dir, pairs: list[dict]) -> tuple[int, int, int, int]:
     """(tokens of every chosen and rejected sequence as trl builds them, the padding that batch-1
-    steps add to them, the tokens of the packed sequences: each prompt once)."""
+    steps add to them, the tokens of the packed sequences: each prompt once, the answers' tokens)."""
     from wowlib.align import load_tokenizer
     tokenizer = load_tokenizer(model_dir)
-    total = padding = packed = 0
+    total = padding = packed = answers = 0
     for p in pairs:
         prompt = [{"role": "user", "content": p["prompt"]}]
         head = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
@@ -87,7 +89,8 @@ def token_counts(model_dir, pairs: list[dict]) -> tuple[int, int, int]:
         total += sum(lengths)
         padding += 2 * max(lengths) - sum(lengths)
         packed += sum(lengths) - head
-    return total, padding, packed
+        answers += sum(lengths) - 2 * head
+    return total, padding, packed, answers
 
 
 def run_variant(name: str, args, model_dir: str, pairs: list[dict], work: str) -> dict:
@@ -155,9 +158,9 @@ def main() -> None:
     from wowlib.llm.models import model_path
     model_dir = str(model_path(args.model))
     pairs = bench_pairs(args.model, args.pairs, args.answer_tokens)
-    tokens, padding, packed_tokens = token_counts(model_dir, pairs)
+    tokens, padding, packed_tokens, answer_tokens = token_counts(model_dir, pairs)
     from transformers import AutoConfig
-    n_params = _parameters(model_dir, AutoConfig)
+    n_params, n_head = _parameters(model_dir, AutoConfig)
     fp32_rate, bf16_rate = matmul_gflops(args.threads), matmul_gflops(args.threads, "bf16")
     print(f"{len(pairs)} pairs, {tokens} tokens in their chosen + rejected sequences ({padding} more padded in "
           f"batch-1 steps, {100 * padding / tokens:.1f}%), {packed_tokens} packed (each prompt once); "
@@ -168,9 +171,12 @@ def main() -> None:
         for name in args.variants:
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 row = pool.apply(run_variant, (name, args, model_dir, pairs, work))
-            done = packed_tokens if VARIANTS[name][0].get("packed", True) else tokens     # what the run computed
-            reference_tokens = 0 if row["reference"] == "reused" else done
-            flops = 6 * n_params * done + 2 * n_params * reference_tokens
+            packed = VARIANTS[name][0].get("packed", True)
+            layers = n_params - n_head
+            done = packed_tokens if packed else tokens                  # what the run computed
+            head_tokens = answer_tokens if packed else tokens           # what went through the LM head
+            per_pass = layers * done + n_head * head_tokens
+            flops = 6 * per_pass + (0 if row["reference"] == "reused" else 2 * per_pass)
             rate = bf16_rate if row["precision"] == "bf16" else fp32_rate
             row.update(pairs_per_second=len(pairs) / row["seconds"], mfu=flops / row["seconds"] / (rate * 1e9))
             row["ratio"] = row["pairs_per_second"] / rows[0]["pairs_per_second"] if rows else 1.0
@@ -191,7 +197,7 @@ def main() -> None:
     versions = store.library_versions()
     meta = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "cpu": _cpu_name(),
             "threads": args.threads, "pairs": len(pairs), "tokens": tokens, "padding": padding,
-            "packed_tokens": packed_tokens,
+            "packed_tokens": packed_tokens, "answer_tokens": answer_tokens,
             "fp32_gflops": round(fp32_rate, 1), "bf16_gflops": round(bf16_rate, 1), "torch": versions["torch"],
             "trl": versions["trl"]}
     fields = list(meta) + ["variant", "precision", "reference", "seconds", "pairs_per_second", "ratio", "mfu",
@@ -206,12 +212,13 @@ def main() -> None:
     print(f"appended {len(rows)} rows to {args.out}")
 
 
-def _parameters(model_dir: str, auto_config) -> int:
+def _parameters(model_dir: str, auto_config) -> tuple[int, int]:
+    """(all parameters, those of the LM head / tied embedding)."""
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(auto_config.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), model.get_output_embeddings().weight.numel()
 
 
 def _cpu_name() -> str:
