@@ -19,6 +19,16 @@ export PYTHONHASHSEED=0
 run=${WOW_RUN:-$(sed -n 's/^run: *//p' "$config")}
 out=${WOW_RUNS_DIR:-runs}/$run/notebooks
 mkdir -p "$out"
+n_cells() { .venv/bin/python -c "import json, sys; print(len(json.load(open(sys.argv[1]))['cells']) + 1)" "$1"; }
+# papermill --log-output marks each cell's end with "Ending Cell <n>---": print it with the elapsed time
+cell_progress() {
+  local line
+  while IFS= read -r line; do
+    if [[ $line =~ ^Ending\ Cell\ ([0-9]+)- ]]; then
+      echo "      cell ${BASH_REMATCH[1]}/$2 done, $(( $(date +%s) - $1 )) s"
+    fi
+  done
+}
 stages=(01_sample_wrong 02_elicit 03_align 04_evaluate 05_figures)
 total_start=$(date +%s)
 for i in "${!stages[@]}"; do
@@ -27,9 +37,12 @@ for i in "${!stages[@]}"; do
   echo "[$((i + 1))/${#stages[@]}] $nb ..."
   start=$(date +%s)
   .venv/bin/python -m wowlib.config "$config" --notebook "$nb" > "$out/$nb.params.yaml"   # its own keys only
+  # The cells' output goes to $out/$nb.log; the terminal gets one line per finished cell.
   if ! .venv/bin/papermill "notebooks/$nb.ipynb" "$out/$nb.ipynb" -f "$out/$nb.params.yaml" -p run "$run" \
-        --cwd notebooks -k python3 --log-level WARNING; then
-    echo "run_all.sh: FAILED in notebooks/$nb.ipynb (executed copy with the error: $out/$nb.ipynb)" >&2
+        --cwd notebooks -k python3 --log-level INFO --log-output --no-progress-bar 2>&1 \
+        | tee "$out/$nb.log" | cell_progress "$start" "$(n_cells "notebooks/$nb.ipynb")"; then
+    tail -n 25 "$out/$nb.log" >&2
+    echo "run_all.sh: FAILED in notebooks/$nb.ipynb (executed copy with the error: $out/$nb.ipynb; log: $out/$nb.log)" >&2
     exit 1
   fi
   echo "[$((i + 1))/${#stages[@]}] $nb done in $(( $(date +%s) - start )) s"
