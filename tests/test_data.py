@@ -395,3 +395,34 @@ def test_the_table_covers_every_file_each_task_reads(data_dir, tmp_path, monkeyp
 
 def test_the_docs_hold_the_table() -> None:
     assert data.markdown_table() in (REPO / "docs" / "data.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_fresh_checkout_fetches_its_data_and_runs_the_smoke_profile(mirror, tmp_path) -> None:
+    """What a new user does: a checkout of the working tree (tracked and untracked files, no run,
+    no data), the data the smoke profile needs fetched from the (local) mirror with the command
+    ``check`` prints, then ``./run_all.sh smoke``: every stage runs and the figures are written."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            (clone / name).write_bytes((REPO / name).read_bytes())
+            (clone / name).chmod((REPO / name).stat().st_mode)
+    (clone / ".venv").symlink_to(REPO / ".venv")        # the environment, not the repository, is reused
+    for s in data.SOURCES:
+        if s.path in needs("smoke"):
+            mirror.add(s)
+    env = {**os.environ, "WOW_DATA_DIR": str(tmp_path / "data"), "WOW_RUNS_DIR": str(tmp_path / "runs"),
+           data.MIRROR_ENV: mirror.base, "PYTHONPATH": str(clone)}
+    check = subprocess.run([sys.executable, "-m", "wowlib.data", "check", "smoke"], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1
+    fetch = shlex.split(check.stdout.strip().splitlines()[-1])
+    assert subprocess.run([*fetch, "--no-progress"], cwd=clone, env=env, timeout=300).returncode == 0
+    result = subprocess.run(["./run_all.sh", "smoke"], cwd=clone, env=env, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[5/5] 05_figures done in" in result.stdout
+    assert (tmp_path / "runs" / "smoke" / "figures" / "index.md").is_file()

@@ -187,11 +187,28 @@ def test_judge_scores_with_tiny_model(tiny, tmp_path, data_dir):
 
     counting = Counting(tiny)
     lp = judge.judge_scores(counting, run, "gen", "tiny", "kc", samples, mode="logprob")
-    assert counting.calls == 5                                  # one per response position
+    assert counting.calls == 1              # one call for every (batch, response position): they share the prefill
     assert lp[0]["status"] == "ok" and all(0 <= x <= 5 for x in lp[0]["scores"])
     assert lp[0]["samples"] == r["samples"]                     # the same batches in both modes
     assert judge.judge_scores(counting, run, "gen", "tiny", "kc", samples, mode="logprob") == lp
-    assert counting.calls == 5
+    assert counting.calls == 1
+
+
+def test_a_prefix_per_prompt_reads_what_separate_calls_read(tiny):
+    """choice_logprobs with one prefix per prompt (the score judge's five "Response k:" reads of
+    one prompt, which then share its prefill) gives each read the values of a call of its own."""
+    prompts = [[{"role": "user", "content": f"Question {q}: rate the five answers. " + "an answer " * 30}]
+               for q in range(2)]
+    chats = [p for p in prompts for _ in range(5)]
+    prefix = [f"Response {k}:\nScore:" for _ in prompts for k in range(1, 6)]
+    together = tiny.choice_logprobs(chats, prefix, list(judge.SCORE_CHOICES))
+    alone = [tiny.choice_logprobs([c], x, list(judge.SCORE_CHOICES))[0] for c, x in zip(chats, prefix)]
+    assert len(together) == 10
+    for a, b in zip(together, alone):
+        assert a.keys() == b.keys() and all(abs(a[c] - b[c]) < 1e-4 for c in a)
+    assert together[0] != together[1]                            # the prefix is read, not dropped
+    with pytest.raises(ValueError, match="3 prefixes for 10 prompts"):
+        tiny.choice_logprobs(chats, prefix[:3], list(judge.SCORE_CHOICES))
 
 
 def test_manifest_keeps_other_entries(tmp_path):

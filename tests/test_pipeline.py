@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from wowlib import report
+
 pytestmark = pytest.mark.slow          # run_all.sh end to end (minutes): not in the fast lane
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,9 +61,6 @@ def test_every_stage_writes_its_outputs(smoke) -> None:
     assert adapters, "no adapter trained"
 
 
-REQUIRED_FIGURES = ("table1_elicitation", "shade_bins", "dataset_stats", "prefs_summary", "training_summary",
-                    "table2_main", "table3_row_mixes", "table4_generalisation", "controls",
-                    "figure2_elicitation_vs_gain", "reliability", "reward_margins", "table5_examples")
 
 
 def test_every_table_and_figure_of_the_paper_is_written(smoke) -> None:
@@ -72,7 +71,7 @@ def test_every_table_and_figure_of_the_paper_is_written(smoke) -> None:
     import re
     index = (smoke["root"] / "figures" / "index.md").read_text()
     written = dict(re.findall(r"^- \*\*(\w+)\*\*: (.*)$", index, flags=re.M))
-    missing = [name for name in REQUIRED_FIGURES if "](" not in written.get(name, "")]     # a skipped item has no file
+    missing = [name for name in report.PAPER_ITEMS if "](" not in written.get(name, "")]     # a skipped item has no file
     assert not missing, f"not written: {missing}\n{index}"
     points = (smoke["root"] / "figures" / "figure2_elicitation_vs_gain.csv").read_text().strip().splitlines()
     assert len(points) - 1 >= 3, points

@@ -115,3 +115,15 @@ def test_no_file_cites_a_document_outside_the_repository() -> None:
                  and any(s in (REPO / f).read_text(encoding="utf-8") for s in ("DESIGN.md", "../shared", "NOTES.md"))
                  and f != "tests/test_repo.py"]
     assert not offenders, offenders
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name with a leading underscore is its module's own: no ``from .x import _name`` anywhere."""
+    import ast
+    found = []
+    for path in sorted((REPO / "wowlib").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{path.relative_to(REPO)}:{node.lineno}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

@@ -442,3 +442,33 @@ def test_committed_results_and_figures_hold_no_machine_paths():
              for lineno, text in store.absolute_paths((paths.REPO_ROOT / name).read_bytes().decode("utf-8", "replace"),
                                                       store.local_roots())]
     assert not found, "machine paths in committed files:\n" + "\n".join(found[:20])
+
+
+NOTEBOOK_BOUND = 3_000_000      # bytes per executed notebook in a committed bundle
+
+
+def test_committed_executed_notebooks_are_small_and_hold_no_secrets():
+    """results/cpu/notebooks/ holds the default run's five executed notebooks, outputs kept: each
+    under a size bound, with no API key or token in any output (machine paths: the test above)."""
+    import re
+    folder = paths.REPO_ROOT / "results" / "cpu" / "notebooks"
+    found = sorted(p.name for p in folder.glob("*.ipynb"))
+    assert found == [f"{nb}.ipynb" for nb in ("01_sample_wrong", "02_elicit", "03_align", "04_evaluate", "05_figures")]
+    for path in folder.glob("*.ipynb"):
+        assert path.stat().st_size < NOTEBOOK_BOUND, (path.name, path.stat().st_size)
+        text = path.read_text(encoding="utf-8")
+        nb = json.loads(text)
+        assert any(cell.get("outputs") for cell in nb["cells"] if cell["cell_type"] == "code"), f"{path.name}: no outputs"
+        secrets = re.findall(r"sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|OPENAI_API_KEY\s*=\s*\S+", text)
+        assert not secrets, f"{path.name}: {secrets[:3]}"
+
+
+def test_the_default_run_shows_every_item_of_the_paper():
+    """figures/ (the committed cpu run) lists every table and figure of the paper's design, none
+    skipped, and Figure 2 has at least five points."""
+    import re
+    index = (paths.REPO_ROOT / "figures" / "index.md").read_text()
+    written = dict(re.findall(r"^- \*\*(\w+)\*\*: (.*)$", index, flags=re.M))
+    assert not [name for name in report.PAPER_ITEMS if "](" not in written.get(name, "")], index
+    points = pd.read_csv(paths.REPO_ROOT / "figures" / "figure2_elicitation_vs_gain.csv")
+    assert len(points) >= 5, points

@@ -259,24 +259,26 @@ def _cached(llm, run: store.Run):
     return llm if isinstance(llm, CachedLLM) else CachedLLM(llm, run.root / "cache")
 
 
-def _choice_logprobs(backend, judge_name: str, prompts: list[str], prefix: str,
+def _choice_logprobs(backend, judge_name: str, prompts: list[str], prefix: str | Sequence[str],
                      choices: Sequence[str]) -> list[dict[str, float]]:
-    """Next-token log-probs of ``choices`` (" 1", " 2", ...) after ``prefix``. Tokenizers that split
-    a digit from its leading space (SmolLM2, Llama 3) get the space in the prefix instead; the
-    returned keys are always ``choices``."""
+    """Next-token log-probs of ``choices`` (" 1", " 2", ...) after ``prefix`` (one, or one per
+    prompt). Tokenizers that split a digit from its leading space (SmolLM2, Llama 3) get the space
+    in the prefix instead; the returned keys are always ``choices``."""
     chats = [[{"role": "user", "content": p}] for p in prompts]
     try:
         return backend.choice_logprobs(chats, prefix=prefix, choices=list(choices))
     except ValueError as err:
         first_error = err
     if all(c.startswith(" ") for c in choices):
+        spaced = prefix + " " if isinstance(prefix, str) else [x + " " for x in prefix]
         try:
-            lps = backend.choice_logprobs(chats, prefix=prefix + " ", choices=[c[1:] for c in choices])
+            lps = backend.choice_logprobs(chats, prefix=spaced, choices=[c[1:] for c in choices])
             return [{c: lp[c[1:]] for c in choices} for lp in lps]
         except ValueError:
             pass
+    shown = prefix if isinstance(prefix, str) else (prefix[0] if prefix else "")
     raise ValueError(f"judge {judge_name}: log-prob mode needs each of {list(choices)} to be one token "
-                     f"after the prefix {prefix!r} (or without its space after {prefix + ' '!r}); use "
+                     f"after the prefix {shown!r} (or without its space after {shown + ' '!r}); use "
                      f"mode='text' for this model ({first_error})") from first_error
 
 
@@ -593,11 +595,12 @@ def _score_records(llm, run: store.Run, judge_name: str, mode: str, max_new_toke
             scores, status, error = _text_fields(c, parse_scores)
             rec.update(text=c.text, scores=scores, status=status, error=error)
     else:
-        backend = _backend(llm)
-        per_k = [_choice_logprobs(backend, judge_name, list(prompts), f"Response {k}:\nScore:", SCORE_CHOICES)
-                 if prompts else [] for k in range(1, BATCH + 1)]
+        # one call for all (prompt, k): the five reads of one prompt share its prefill
+        pairs = [(p, k) for p in prompts for k in range(1, BATCH + 1)]
+        flat = _choice_logprobs(_backend(llm), judge_name, [p for p, _ in pairs],
+                                [f"Response {k}:\nScore:" for _, k in pairs], SCORE_CHOICES) if pairs else []
         for b, rec in enumerate(records):
-            lps = [per_k[k][b] for k in range(BATCH)]
+            lps = flat[b * BATCH:(b + 1) * BATCH]
             rec.update(text=None, scores=[expected_score(lp) for lp in lps], status="ok",
                        score_logprobs=[[lp[c] for c in SCORE_CHOICES] for lp in lps])
     return records
@@ -625,7 +628,7 @@ def run_judging(run: store.Run, generators: Sequence[str], judges: Sequence[str]
     judge, task) in that mode, like the paper's 10,000. ``max_new_tokens`` / ``score_max_new_tokens``:
     text-mode reply budgets of the pairwise and score judges (the official code: 256, 1024).
     ``load(judge_name)``: the judge (default ``load_llm``). Returns one summary row per call."""
-    return [_summary_row(plan, run_plan(plan))
+    return [summary_row(plan, run_plan(plan))
             for plan in judging_plans(run, generators, judges, tasks, pairwise_modes, score_modes, caps, seed,
                                       max_new_tokens, load, score_max_new_tokens)]
 
@@ -654,7 +657,7 @@ def judging_plans(run: store.Run, generators: Sequence[str], judges: Sequence[st
                                      max_new_tokens=score_max_new_tokens)
 
 
-def _summary_row(plan: JudgePlan, records: Sequence[dict]) -> dict:
+def summary_row(plan: JudgePlan, records: Sequence[dict]) -> dict:
     statuses = _count(r["status"] for r in records)
     return {"kind": plan.kind, "mode": plan.mode, "judge": plan.judge_name, "generator": plan.generator,
             "task": plan.task, "calls": len(records), "ok": statuses.get("ok", 0),

@@ -1026,6 +1026,12 @@ def table5(run: RunLike, out_dir: Path) -> Artifact:
 
 # ---------------------------------------------------------------------------- the whole report
 
+# What a run of the paper's design shows (the artefact names in figures/index.md); the power analysis
+# and the loss comparison are extras of this reproduction.
+PAPER_ITEMS = ("table1_elicitation", "shade_bins", "dataset_stats", "prefs_summary", "training_summary",
+               "table2_main", "table3_row_mixes", "table4_generalisation", "controls",
+               "figure2_elicitation_vs_gain", "reliability", "reward_margins", "table5_examples")
+
 ITEMS: dict[str, Callable[[RunLike, Path], Artifact]] = {
     "table1": table1, "shade_bins": shade_bins, "dataset_stats": dataset_stats, "prefs_summary": prefs_summary,
     "training_summary": training_summary, "table2": table2, "table3": table3, "table4": table4,
@@ -1083,7 +1089,8 @@ def write_report(run: RunLike, out_dir: Path | str | None = None) -> list[Path]:
 # What the report reads (everything above), relative to a run directory: a few MB of CSV/JSON,
 # no adapters, no caches, no Phase 1 samples.
 BUNDLE_FILES = ("elicitation/*.csv", "prefs/summary.csv", "models/summary.csv", "models/*/train_log.json",
-                "eval/*.csv", "eval/*/*.jsonl")
+                "eval/*.csv", "eval/*/*.jsonl",
+                "notebooks/*.ipynb")    # the executed notebooks, to read without running anything
 
 
 class BundleError(ValueError):

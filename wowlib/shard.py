@@ -346,7 +346,7 @@ def run_judging_shard(run: store.Run, shard: Shard, generators: Sequence[str], j
     summary row per job. ``load(judge_name)``: the judge (default: ``load_llm`` behind the shard's
     own cache). The judge is loaded even when every shard job is complete (its key is part of the
     parameters), but a complete job calls nothing."""
-    from .judge import MAX_NEW_TOKENS, _summary_row, judging_plans
+    from .judge import MAX_NEW_TOKENS, judging_plans, summary_row
     plans = judging_plans(run, generators, judges, tasks, pairwise_modes, score_modes, caps, seed,
                           max_new_tokens or MAX_NEW_TOKENS, load or (lambda name: _shard_llm(run, shard, name)))
     rows = []
@@ -361,7 +361,7 @@ def run_judging_shard(run: store.Run, shard: Shard, generators: Sequence[str], j
             mine = set(meta["question_ids"])
             records = plan.judge([k for k, q in enumerate(plan.question_ids) if q in mine])
             write_shard(plan.path, shard, records, {**meta, "judge_key": plan.judge_key})
-        rows.append({**_summary_row(plan, records), "shard": shard.tag})
+        rows.append({**summary_row(plan, records), "shard": shard.tag})
     return rows
 
 

@@ -146,15 +146,25 @@ class LLM(Protocol):
         """Answer one planned batch."""
         ...
 
-    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
+    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str | Sequence[str],
                         choices: Sequence[str]) -> list[dict[str, float]]:
         """For each chat, the log-probability of each choice as the first token(s) of the
-        assistant turn after ``prefix`` (e.g. prefix "Preferred output: ", choices "1", "2")."""
+        assistant turn after ``prefix`` (e.g. prefix "Preferred output: ", choices "1", "2");
+        ``prefix`` may also be a sequence, one per chat (see ``prefixes``)."""
         ...
 
     def score(self, prompts: Sequence[Sequence[Message]], continuations: Sequence[str]) -> list[list[float]]:
         """Per-token log-probabilities of each continuation as the assistant's reply."""
         ...
+
+
+def prefixes(prefix: str | Sequence[str], n: int) -> list[str]:
+    """``choice_logprobs``' prefix as one string per prompt (a string is every prompt's)."""
+    if isinstance(prefix, str):
+        return [prefix] * n
+    if len(prefix) != n:
+        raise ValueError(f"choice_logprobs: {len(prefix)} prefixes for {n} prompts (give one, or one per prompt)")
+    return list(prefix)
 
 
 def batches_of(indices: list[int], size: int) -> list[list[int]]:

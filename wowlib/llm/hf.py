@@ -47,7 +47,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import constrain, cpu, decode_kernel, packed
-from .base import Completion, Message, Request, batches_of, is_repeating
+from .base import Completion, Message, Request, batches_of, is_repeating, prefixes
 
 log = logging.getLogger(__name__)
 
@@ -767,7 +767,7 @@ class HFModel:
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
-    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
+    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str | Sequence[str],
                         choices: Sequence[str], batch_size: int | None = None) -> list[dict[str, float]]:
         """Log-prob of each choice right after ``prefix`` in the assistant turn, one forward pass
         per distinct prompt. A choice may be several tokens if all choices share all but their
@@ -775,13 +775,16 @@ class HFModel:
         log p(" ") + log p("1" | " ").
 
         Prompts are batched in token order, so a judge's prompts about one question (the same
-        instruction before different answers, or the same five answers before "Response k:")
-        land together and share their head's prefill (``_prefill``, cascade attention).
+        instruction before different answers, or the same five answers before "Response k:",
+        given as one call with a prefix per prompt) land together and share their head's prefill
+        (``_prefill``, cascade attention).
         ``batch_size`` defaults to 16, or ``max_batch`` if smaller: with ``max_batch=1`` a prompt's values
         do not depend on the other prompts (float noise of the batch's shape), as for decoding."""
         batch_size = batch_size or min(16, self.options.max_batch)
-        texts = [self.render(p, prefix) for p in prompts]
-        shared, finals = self._choice_tokens(texts[0] if texts else prefix, choices)
+        texts = [self.render(p, x) for p, x in zip(prompts, prefixes(prefix, len(prompts)))]
+        if not texts:
+            return []
+        shared, finals = self._choice_tokens(texts[0], choices)
         keep = len(shared) + 1
         encoded = [tuple(self.encode(t) + shared) for t in texts]
         out: dict[tuple[int, ...], dict[str, float]] = {}

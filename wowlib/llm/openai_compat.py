@@ -89,7 +89,7 @@ class OpenAIChat:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
             return list(pool.map(self._complete, requests))
 
-    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
+    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str | Sequence[str],
                         choices: Sequence[str]) -> list[dict[str, float]]:
         """Not offered: a chat API cannot continue an assistant prefix faithfully, and asking for
         top-20 first-token log-probs after an instruction measures a different thing."""

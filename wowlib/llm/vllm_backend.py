@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import Completion, Message, Request, batches_of
+from .base import Completion, Message, Request, batches_of, prefixes
 
 log = logging.getLogger(__name__)
 
@@ -333,10 +333,11 @@ class VLLMModel:
                 out[i] = completion
         return [c if c is not None else Completion.failed("no vLLM output") for c in out]
 
-    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str,
+    def choice_logprobs(self, prompts: Sequence[Sequence[Message]], prefix: str | Sequence[str],
                         choices: Sequence[str]) -> list[dict[str, float]]:
-        """Log-prob of each single-token choice right after ``prefix`` in the assistant turn."""
-        texts = [self.render(p, prefix) for p in prompts]
+        """Log-prob of each single-token choice right after ``prefix`` (one, or one per prompt) in
+        the assistant turn."""
+        texts = [self.render(p, x) for p, x in zip(prompts, prefixes(prefix, len(prompts)))]
         rows, cut = [], []
         for text in texts:
             base = self.encode(text)
