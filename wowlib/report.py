@@ -1097,11 +1097,27 @@ class BundleError(ValueError):
     """A run's report inputs hold something a committed bundle must not (machine paths)."""
 
 
+def portable_notebook(text: str, run_root: Path) -> str:
+    """An executed notebook's JSON with this machine's folders in its outputs replaced: the
+    environment (``sys.prefix``, also resolved) by ``<venv>``, the run directory by ``runs/<run>``,
+    the repository the run was made from (the run directory's grandparent) and this one by ``.``."""
+    import sys
+    run_root = Path(run_root).resolve()
+    swaps = [(Path(sys.prefix).resolve(), "<venv>"), (Path(sys.prefix), "<venv>"),
+             (run_root, f"runs/{run_root.name}"), (run_root.parent.parent, "."), (paths.REPO_ROOT, ".")]
+    for root, short in sorted(swaps, key=lambda pair: -len(str(pair[0]))):       # the longest first
+        text = text.replace(str(root) + "/", short + "/").replace(str(root), short)
+    return text
+
+
 def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     """Copy the report's inputs from ``run`` into ``dest`` (same layout), so that the tables and
     figures can be re-rendered with no model and no run: ``write_report(dest, out)``.
 
-    The files are copied byte for byte, never rewritten; a bundle is committed, so a file that
+    The files are copied byte for byte, never rewritten, except the executed notebooks, whose
+    outputs name this machine's folders (a library warning's file, the run directory): there the run's
+    repository becomes ``.``, the run directory ``runs/<run>`` and the environment ``<venv>``
+    (``portable_notebook``). A bundle is committed, so a file that
     holds a machine-local absolute path (a user name, the machine's layout: ``store.absolute_paths``)
     is refused (``BundleError`` naming the file, the line and the path) before anything is copied."""
     run, dest = as_run(run), Path(dest)
@@ -1110,8 +1126,10 @@ def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     sources = [path for pattern in BUNDLE_FILES for path in sorted(run.root.glob(pattern))
                if not any(part.startswith(".") for part in path.relative_to(run.root).parts)]   # temporary folders
     roots = [run.root, *store.local_roots()]
+    contents = {path: (portable_notebook(path.read_text(encoding="utf-8"), run.root) if path.suffix == ".ipynb"
+                       else path.read_bytes().decode("utf-8", "replace")) for path in sources}
     found = [(path, lineno, text) for path in sources
-             for lineno, text in store.absolute_paths(path.read_bytes().decode("utf-8", "replace"), roots)]
+             for lineno, text in store.absolute_paths(contents[path], roots)]
     if found:
         shown = "; ".join(f"{path.relative_to(run.root)}:{lineno}: {text}" for path, lineno, text in found[:5])
         more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
@@ -1124,7 +1142,7 @@ def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     for path in sources:
         target = dest / path.relative_to(run.root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(path.read_bytes())
+        target.write_bytes(contents[path].encode("utf-8") if path.suffix == ".ipynb" else path.read_bytes())
         copied.append(target)
     log.info("bundle: %d files from %s -> %s", len(copied), run.root, dest)
     return copied
