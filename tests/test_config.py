@@ -206,3 +206,15 @@ def test_score_judging_needs_whole_batches_of_five(tmp_path: Path, capsys) -> No
     assert "n_samples = 4" in err and "score_modes" in err
     assert "n_samples = 7" in _fails(_profile(tmp_path, n_samples=7, score_modes=["logprob"]), capsys)
     assert config.main([str(_profile(tmp_path, n_samples=4, score_modes=[])), "--check"]) == 0
+
+
+def test_the_notebooks_defaults_are_the_smoke_profile() -> None:
+    """A reader who opens a notebook runs the smoke setting: every key of configs/smoke.yaml is the
+    default of each notebook that has it (nbval reuses the smoke run, so a drift is an overwrite)."""
+    import yaml
+    from wowlib import paths
+    smoke = yaml.safe_load((paths.REPO_ROOT / "configs" / "smoke.yaml").read_text())
+    drift = [(nb, key, params[key], value) for nb, params in config.notebook_parameters().items()
+             for key, value in smoke.items() if key != "run" and key in params
+             and (list(params[key]) if isinstance(params[key], tuple) else params[key]) != value]
+    assert not drift, drift
