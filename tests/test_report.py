@@ -444,7 +444,7 @@ def test_committed_results_and_figures_hold_no_machine_paths():
     assert not found, "machine paths in committed files:\n" + "\n".join(found[:20])
 
 
-NOTEBOOK_BOUND = 4_000_000      # bytes per executed notebook in a committed bundle
+NOTEBOOK_BOUND = 1_000_000      # bytes per executed notebook in a committed bundle
 
 
 def test_committed_executed_notebooks_are_small_and_hold_no_secrets():
@@ -459,6 +459,8 @@ def test_committed_executed_notebooks_are_small_and_hold_no_secrets():
         text = path.read_text(encoding="utf-8")
         nb = json.loads(text)
         assert any(cell.get("outputs") for cell in nb["cells"] if cell["cell_type"] == "code"), f"{path.name}: no outputs"
+        images = [k for c in nb["cells"] for o in c.get("outputs", []) for k in o.get("data", {}) if k.startswith("image/")]
+        assert not images, f"{path.name}: embedded images (figures/ holds them)"
         secrets = re.findall(r"sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|OPENAI_API_KEY\s*=\s*\S+", text)
         assert not secrets, f"{path.name}: {secrets[:3]}"
 
@@ -467,9 +469,6 @@ def test_the_default_run_shows_every_item_of_the_paper():
     """figures/ (the committed cpu run) lists every table and figure of the paper's design, none
     skipped, and Figure 2 has a point per score set (three: the swap-consistent direct sets of the
     135M/270M judges are empty, README "Results")."""
-    import re
-    index = (paths.REPO_ROOT / "figures" / "index.md").read_text()
-    written = dict(re.findall(r"^- \*\*(\w+)\*\*: (.*)$", index, flags=re.M))
-    assert not [name for name in report.PAPER_ITEMS if "](" not in written.get(name, "")], index
+    assert not report.unwritten_items(paths.REPO_ROOT / "figures"), (paths.REPO_ROOT / "figures" / "index.md").read_text()
     points = pd.read_csv(paths.REPO_ROOT / "figures" / "figure2_elicitation_vs_gain.csv")
     assert len(points) >= 3, points

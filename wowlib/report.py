@@ -29,6 +29,7 @@ calls them all. Figures are built on ``matplotlib.figure.Figure`` (no pyplot sta
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -1032,6 +1033,14 @@ PAPER_ITEMS = ("table1_elicitation", "shade_bins", "dataset_stats", "prefs_summa
                "table2_main", "table3_row_mixes", "table4_generalisation", "controls",
                "figure2_elicitation_vs_gain", "reliability", "reward_margins", "table5_examples")
 
+def unwritten_items(figures_dir: Path | str) -> list[str]:
+    """The items of ``PAPER_ITEMS`` that ``figures_dir/index.md`` lists without a file (skipped) or
+    not at all."""
+    index = (Path(figures_dir) / "index.md").read_text(encoding="utf-8")
+    written = dict(re.findall(r"^- \*\*(\w+)\*\*: (.*)$", index, flags=re.M))
+    return [name for name in PAPER_ITEMS if "](" not in written.get(name, "")]
+
+
 ITEMS: dict[str, Callable[[RunLike, Path], Artifact]] = {
     "table1": table1, "shade_bins": shade_bins, "dataset_stats": dataset_stats, "prefs_summary": prefs_summary,
     "training_summary": training_summary, "table2": table2, "table3": table3, "table4": table4,
@@ -1097,11 +1106,22 @@ class BundleError(ValueError):
     """A run's report inputs hold something a committed bundle must not (machine paths)."""
 
 
+FIGURE_NOTE = "[figure left out of the committed copy: figures/ holds it]"
+
+
 def portable_notebook(text: str, run_root: Path) -> str:
-    """An executed notebook's JSON with this machine's folders in its outputs replaced: the
-    environment (``sys.prefix``, also resolved) by ``<venv>``, the run directory by ``runs/<run>``,
-    the repository the run was made from (the run directory's grandparent) and this one by ``.``."""
-    import sys
+    """An executed notebook's JSON as a bundle keeps it: every text output, but no embedded image
+    (the figures are the bundle's own files, ``figures/``; the note ``FIGURE_NOTE`` stands in), and
+    this machine's folders in the outputs replaced: the environment (``sys.prefix``, also resolved)
+    by ``<venv>``, the run directory by ``runs/<run>``, the repository the run was made from (the run
+    directory's grandparent) and this one by ``.``."""
+    notebook = json.loads(text)
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if any(key.startswith("image/") for key in data):
+                output["data"] = {k: v for k, v in data.items() if not k.startswith("image/")} | {"text/plain": FIGURE_NOTE}
+    text = json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
     run_root = Path(run_root).resolve()
     swaps = [(Path(sys.prefix).resolve(), "<venv>"), (Path(sys.prefix), "<venv>"),
              (run_root, f"runs/{run_root.name}"), (run_root.parent.parent, "."), (paths.REPO_ROOT, ".")]
@@ -1114,10 +1134,10 @@ def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     """Copy the report's inputs from ``run`` into ``dest`` (same layout), so that the tables and
     figures can be re-rendered with no model and no run: ``write_report(dest, out)``.
 
-    The files are copied byte for byte, never rewritten, except the executed notebooks, whose
-    outputs name this machine's folders (a library warning's file, the run directory): there the run's
-    repository becomes ``.``, the run directory ``runs/<run>`` and the environment ``<venv>``
-    (``portable_notebook``). A bundle is committed, so a file that
+    The files are copied byte for byte, never rewritten, except the executed notebooks: their
+    embedded images are left out (the figures are files of their own) and the machine's folders in
+    their outputs (a library warning's file, the run directory) become ``.``, ``runs/<run>`` and
+    ``<venv>`` (``portable_notebook``). A bundle is committed, so a file that
     holds a machine-local absolute path (a user name, the machine's layout: ``store.absolute_paths``)
     is refused (``BundleError`` naming the file, the line and the path) before anything is copied."""
     run, dest = as_run(run), Path(dest)
@@ -1126,10 +1146,10 @@ def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     sources = [path for pattern in BUNDLE_FILES for path in sorted(run.root.glob(pattern))
                if not any(part.startswith(".") for part in path.relative_to(run.root).parts)]   # temporary folders
     roots = [run.root, *store.local_roots()]
-    contents = {path: (portable_notebook(path.read_text(encoding="utf-8"), run.root) if path.suffix == ".ipynb"
-                       else path.read_bytes().decode("utf-8", "replace")) for path in sources}
+    contents = {path: (portable_notebook(path.read_text(encoding="utf-8"), run.root).encode("utf-8")
+                       if path.suffix == ".ipynb" else path.read_bytes()) for path in sources}
     found = [(path, lineno, text) for path in sources
-             for lineno, text in store.absolute_paths(contents[path], roots)]
+             for lineno, text in store.absolute_paths(contents[path].decode("utf-8", "replace"), roots)]
     if found:
         shown = "; ".join(f"{path.relative_to(run.root)}:{lineno}: {text}" for path, lineno, text in found[:5])
         more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
@@ -1142,7 +1162,7 @@ def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     for path in sources:
         target = dest / path.relative_to(run.root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(contents[path].encode("utf-8") if path.suffix == ".ipynb" else path.read_bytes())
+        target.write_bytes(contents[path])
         copied.append(target)
     log.info("bundle: %d files from %s -> %s", len(copied), run.root, dest)
     return copied
