@@ -329,10 +329,8 @@ def _lp_verdict(lp: dict[str, float]) -> tuple[int | None, str]:
 
 def judge_folder(judge_name: str, mode: str) -> str:
     """The judge's folder name under judgments/<generator>/: one per mode (a judge given by path
-    or hub id is filed under its label, ``models.model_label``)."""
-    if "/" in judge_name:
-        from .llm.models import model_label
-        judge_name = model_label(judge_name)
+    or hub id is filed under its label, ``store.model_folder``)."""
+    judge_name = store.model_folder(judge_name)
     return judge_name if mode == "text" else f"{judge_name}-{mode}"
 
 

@@ -558,12 +558,12 @@ class Run:
                 _OVERWRITE.reset(token)
 
     def samples(self, generator: str, task: str) -> Path:
-        return self.root / "samples" / _label(generator) / f"{task}.jsonl"
+        return self.root / "samples" / model_folder(generator) / f"{task}.jsonl"
 
     def judgments(self, generator: str, judge: str, task: str, kind: str) -> Path:
         if kind not in ("pairwise", "score"):
             raise ValueError(f"judgment kind must be 'pairwise' or 'score', got {kind!r}")
-        return self.root / "judgments" / _label(generator) / _label(judge) / f"{task}.{kind}.jsonl"
+        return self.root / "judgments" / model_folder(generator) / model_folder(judge) / f"{task}.{kind}.jsonl"
 
     @property
     def elicitation(self) -> Path:
@@ -576,7 +576,7 @@ class Run:
         return self.root / "models" / name
 
     def eval(self, model: str, task: str) -> Path:
-        return self.root / "eval" / _label(model) / f"{task}.jsonl"
+        return self.root / "eval" / model_folder(model) / f"{task}.jsonl"
 
     @property
     def eval_dir(self) -> Path:
@@ -590,7 +590,7 @@ class Run:
         return self.root / "notebooks"
 
 
-def _label(name: str) -> str:
+def model_folder(name: str) -> str:
     """A model's folder name: short names as they are; a hub id or a checkpoint path by
     ``wowlib.llm.models.model_label`` (no "/" inside a folder name)."""
     if "/" not in name and "\\" not in name:
