@@ -490,3 +490,19 @@ def test_written_sets_load_as_trl_datasets(tmp_path, qids):
     assert ds[0]["chosen"] == data[0]["chosen"]
     sft = to_dataset(data, "sft")
     assert sft.column_names == ["prompt", "completion"]
+
+
+def test_plan_sets_extra_grammar():
+    specs = prefs.plan_sets([KC], ["oracle"], "tiny", ["self direct kc unfiltered", "self direct kc",
+                                                        "mix score@other:text kc+nlgraph_shortest_path"])
+    oracle, unfiltered, filtered, mixed = specs
+    assert oracle == PrefSpec("oracle", tasks=(KC,))
+    assert (unfiltered.judge, unfiltered.filtered) == ("tiny-logprob", False)
+    assert filtered.filtered and filtered.name != unfiltered.name
+    assert prefs.elicitation_key(unfiltered) == ("pairwise_logprob", "tiny", 1.0)
+    assert (mixed.source, mixed.judge, mixed.tasks) == ("mix", "other", (KC, NL))
+    for bad, match in [("self oracle kc unfiltered", "direct sets only"), ("self direct kc filtered", "expected"),
+                       ("kc oracle", "expected"), ("self best kc", "not one of"),
+                       ("self direct@tiny:verbal kc", "judge mode")]:
+        with pytest.raises(ValueError, match=match):
+            prefs.plan_sets([KC], [], "tiny", [bad])

@@ -467,8 +467,9 @@ def test_committed_executed_notebooks_are_small_and_hold_no_secrets():
 
 def test_the_default_run_shows_every_item_of_the_paper():
     """figures/ (the committed cpu run) lists every table and figure of the paper's design, none
-    skipped, and Figure 2 has a point per score set (three: the swap-consistent direct sets of the
-    135M/270M judges are empty, README "Results")."""
+    skipped, and Figure 2 has at least five points, each with both intervals (the score sets and
+    the unfiltered direct sets: the swap-consistent direct sets of the 135M/270M judges are empty)."""
     assert not report.unwritten_items(paths.REPO_ROOT / "figures"), (paths.REPO_ROOT / "figures" / "index.md").read_text()
     points = pd.read_csv(paths.REPO_ROOT / "figures" / "figure2_elicitation_vs_gain.csv")
-    assert len(points) >= 3, points
+    assert len(points) >= 5, points
+    assert points[["elicitation_low", "elicitation_high", "delta_p_wrong_low", "delta_p_wrong_high"]].notna().all().all(), points

@@ -385,29 +385,35 @@ def plan_sets(tasks: Sequence[str], types: Sequence[str], judge: str | None, ext
               judge_mode: str = "logprob") -> list[PrefSpec]:
     """The preference sets of a run: every type of ``types`` on every task of ``tasks`` from every
     source of ``sources`` (direct and score labelled by ``judge``), then the ``extra`` sets, each
-    written ``"<source> <type>[@<judge>] <task>[+<task>...]"``, e.g. ``"mix oracle kc"`` (every
-    generator's answers) or ``"self score@gemma3-270m kc"`` (another judge's labels: one more point
-    of Figure 2); ``"self direct@tiny:text kc"`` takes that judge's text-mode verdicts. Judges are
-    named as in the profile; their judgments in ``judge_mode`` unless the set says otherwise."""
+    written ``"<source> <type>[@<judge>] <task>[+<task>...] [unfiltered]"``, e.g. ``"mix oracle kc"``
+    (every generator's answers) or ``"self score@gemma3-270m kc"`` (another judge's labels: one more
+    point of Figure 2); ``"self direct@tiny:text kc"`` takes that judge's text-mode verdicts, and a
+    trailing ``unfiltered`` keeps a direct set's verdicts that flip when the two answers are swapped
+    (a judge that always answers "1" has no swap-consistent verdicts). Judges are named as in the
+    profile; their judgments in ``judge_mode`` unless the set says otherwise."""
     from .judge import judge_folder
 
-    def spec(kind: str, source: str, task_names: Sequence[str], by: str | None, mode: str) -> PrefSpec:
+    def spec(kind: str, source: str, task_names: Sequence[str], by: str | None, mode: str,
+             filtered: bool = True) -> PrefSpec:
         base = kind.split("+")[-1]
         labelled = base in ("direct", "score") and kind not in CONTROLS
         return PrefSpec(kind, source=source, tasks=tuple(task_names), cap=cap, seed=seed, top_p=top_p,
-                        judge=judge_folder(by, mode) if labelled and by else None)
+                        judge=judge_folder(by, mode) if labelled and by else None, filtered=filtered)
 
     specs = [spec(t, s, (task,), judge, judge_mode) for task in tasks for s in sources for t in types]
     for line in extra:
         words = line.split()
-        if len(words) != 3 or words[0] not in ("self", "mix"):
+        unfiltered = len(words) == 4 and words[3] == "unfiltered"
+        if len(words) != 3 + unfiltered or words[0] not in ("self", "mix"):
             raise ValueError(f"extra preference set {line!r}: expected '<self|mix> <type>[@<judge>[:<mode>]] "
-                             "<task>[+<task>]', e.g. 'mix oracle kc' or 'self score@gemma3-270m kc'")
+                             "<task>[+<task>] [unfiltered]', e.g. 'mix oracle kc' or 'self score@gemma3-270m kc'")
         kind, _, labeller = words[1].partition("@")
+        if unfiltered and kind.split("+")[-1] != "direct":
+            raise ValueError(f"extra preference set {line!r}: 'unfiltered' applies to direct sets only")
         by, _, mode = labeller.partition(":")
         if kind not in TYPES:
             raise ValueError(f"extra preference set {line!r}: type {kind!r} is not one of {TYPES}")
         if mode not in ("", "text", "logprob"):
             raise ValueError(f"extra preference set {line!r}: judge mode {mode!r} is not 'text' or 'logprob'")
-        specs.append(spec(kind, words[0], words[2].split("+"), by or judge, mode or judge_mode))
+        specs.append(spec(kind, words[0], words[2].split("+"), by or judge, mode or judge_mode, not unfiltered))
     return list(dict.fromkeys(specs))
