@@ -151,16 +151,20 @@ def test_plan_counts_a_small_profile(tmp_path: Path, capsys) -> None:
                     generators=["tiny", "smollm2-135m"], judges=["tiny"], sources=["self"],
                     preference_types=["oracle", "direct"], controls=["random"], trainers=["dpo", "ipo"],
                     learning_rates=[1.0e-5, 5.0e-5, 1.0e-4], lr_schedulers=["linear"], weight_decays=[0.0],
-                    epochs=[1, 3], max_pairs=10, score_modes=[], extra_sets=["mix oracle kc"])
+                    epochs=[1, 3], max_pairs=10, score_modes=[], extra_sets=["mix oracle kc"], align_tasks=["kc"],
+                    eval_splits=["test"], eval_n_questions=4, eval_n_samples=3)
     assert config.main([str(path)]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert {t: v["train_questions"] for t, v in plan["tasks"].items()} == {"kc": 3, "nlgraph_shortest_path": 3}
     assert plan["sampling_calls"] == 2 * (2 * 3) * 4 * 2 == 96
-    sets = 2 * 1 * 3 + 1                               # align tasks x sources x (types + controls) + extra
+    sets = 1 * 1 * 3 + 1                               # align tasks x sources x (types + controls) + extra
     grid = 3 * 1 * 1 * 2 * 2                           # lr x scheduler x weight decay x epochs x trainers
     assert plan["preference_sets"] == sets
-    assert plan["adapters"] == sets * grid == 84
+    assert plan["adapters"] == sets * grid == 48
     assert plan["training_steps_upper_bound"] == sets * grid * 10 * 2   # mean of epochs [1, 3] = 2
+    # the original model answers both tasks, kc's 36 adapters and the extra set's 12 answer kc: 4 test
+    # questions x 3 samples, each an answer and an extraction call
+    assert plan["evaluation_calls"] == (1 + 1 + 36 + 12) * 4 * 3 * 2 == 1200
 
 
 def _setup_is_current() -> bool:

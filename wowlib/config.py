@@ -199,8 +199,12 @@ def plan(p: Mapping[str, Any]) -> dict[str, Any]:
     sets_per_task = len(p["sources"]) * len(set(p["preference_types"]) | set(p["controls"]))
     sets = len(p["align_tasks"]) * sets_per_task + len(p["extra_sets"])
     steps = sets * grid * p["max_pairs"] * sum(p["epochs"]) / len(p["epochs"])
-    # each adapter answers its own task's D_val + D_test (the original model too), answer + extraction
-    eval_calls = sum((sets_per_task * grid + 1) * q * len(p["eval_splits"]) * n * 2 for q in q_eval.values())
+    # each adapter answers its own task's evaluation splits (the original model every task's), answer +
+    # extraction; the extra sets are counted on one task each
+    adapters_on = {t: sets_per_task * grid * (t in p["align_tasks"]) for t in q_eval}
+    eval_calls = sum((adapters_on[t] + 1) * q for t, q in q_eval.items()) * len(p["eval_splits"]) \
+        * p["eval_n_samples"] * 2 + len(p["extra_sets"]) * grid * max(q_eval.values(), default=0) \
+        * len(p["eval_splits"]) * p["eval_n_samples"] * 2
     gen_tokens = (answers + eval_calls) * (p["max_new_tokens"] + 32) + judge_calls * 64
     return {
         "tasks": {t: {"train_questions": q, "from_data": ok} for t, (q, ok) in q_train.items()},
