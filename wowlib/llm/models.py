@@ -186,7 +186,9 @@ def chat_format(tokenizer) -> tuple[str, ...]:
 
 def load_llm(name: str, adapter: str | Path | None = None, backend: str | None = None, **options: Any):
     """An LLM backend for a named model. ``openai:<model>`` reaches any OpenAI-compatible server
-    (``OPENAI_BASE_URL``/``OPENAI_API_KEY``); ``backend="vllm"`` runs a local model on vLLM."""
+    (``OPENAI_BASE_URL``/``OPENAI_API_KEY``); ``backend="vllm"`` runs a local model on vLLM,
+    ``backend="reference"`` on plain ``transformers.generate`` (``reference.py``: slower, the
+    definition the CPU engine is tested against)."""
     if name.startswith("openai:"):
         from .openai_compat import OpenAIChat
         return OpenAIChat(name.split(":", 1)[1], **options)
@@ -198,6 +200,10 @@ def load_llm(name: str, adapter: str | Path | None = None, backend: str | None =
     if backend == "vllm":
         from .vllm_backend import VLLMModel
         return VLLMModel(name, model_path(name), adapter=adapter, stop_strings=spec.stop_strings, **options)
+    if backend == "reference":
+        from .reference import ReferenceModel
+        return ReferenceModel(model_label(name), model_path(name), adapter=adapter, stop_strings=spec.stop_strings,
+                              **options)
     from .hf import HFModel, HFOptions
     return HFModel(model_label(name), model_path(name), adapter=adapter, stop_strings=spec.stop_strings,
                    options=HFOptions(**options))

@@ -257,7 +257,7 @@ class VLLMModel:
         self.lora_request = None
         adapter_rank = None
         if adapter is not None:
-            from .hf import adapter_hash
+            from .chat import adapter_hash
             adapter = Path(adapter)
             self.adapter_hash = adapter_hash(adapter)
             adapter_rank = int(json.loads((adapter / "adapter_config.json").read_text())["r"])
