@@ -17,7 +17,11 @@ threads and library versions):
 4. judging: pairwise verdicts per second, generated-text mode (the official loop's shape, and our
    sampler) vs next-token log-prob mode;
 5. DPO: pairs per second with and without precomputed reference log-probs, and (in a process of
-   its own, for its peak memory) with activation checkpointing; NLGraph prompts, ~100-token answers.
+   its own, for its peak memory) with activation checkpointing; NLGraph prompts, ~100-token answers;
+6. evaluation: the evaluation stage's answering workload (test questions x samples at temperature
+   0.7, up to 640 tokens, looping replies stopped) on the plain reference backend
+   (``wowlib.llm.reference``: ``generate``, one large batch, SDPA, fp32 and bf16 where the CPU has
+   it) vs the engine with its defaults; replies end where they end, so answers/s and tokens/s.
 Each section runs in a fresh process, so the peak RSS printed for it is that stage's own peak.
 """
 from __future__ import annotations
@@ -350,8 +354,52 @@ def dpo_checkpointing_section(args, rows: list[dict]) -> None:
     print(f"  peak RSS {peak_rss_gb():.2f} GB", flush=True)
 
 
+def evaluation_requests(args) -> list[Request]:
+    """The evaluation stage's answering calls: test questions x samples, the cpu profile's decoding."""
+    decoding = Decoding(temperature=0.7, max_new_tokens=args.eval_tokens, stop_on_repeat=True)
+    requests = []
+    for name in args.tasks:
+        task = get_task(name)
+        for q in task.questions("test", args.eval_questions):
+            requests += [Request.chat([{"role": "user", "content": task.prompt(q, task.option_order(q, i, 0))}],
+                                      decoding, sample_idx=i) for i in range(args.eval_samples)]
+    return requests
+
+
+def answer_all(model, requests: list[Request]) -> tuple[int, int]:
+    """(answers, generated tokens) of every request, batched as the backend plans."""
+    tokens = 0
+    for batch in model.plan(requests):
+        tokens += sum(c.n_tokens for c in model.run_batch([requests[i] for i in batch]))
+    return len(requests), tokens
+
+
+def evaluation_section(args, rows: list[dict]) -> None:
+    from wowlib.llm.reference import ReferenceModel
+    directory = model_path(args.model)
+    requests = evaluation_requests(args)
+    torch.set_num_threads(max(args.threads))
+    print(f"\n== evaluation: {args.model}, {len(requests)} answers ({args.eval_questions} test questions x "
+          f"{args.eval_samples} samples x {', '.join(args.tasks)}), up to {args.eval_tokens} tokens", flush=True)
+    systems = [("reference: generate, fp32, SDPA, one batch", lambda: ReferenceModel(args.model, directory,
+                                                                                      max_batch=len(requests)))]
+    if _cpu_has_bf16():
+        systems.append(("reference: generate, bf16, SDPA, one batch",
+                        lambda: ReferenceModel(args.model, directory, dtype="bf16", max_batch=len(requests))))
+    systems.append(("wowlib engine (defaults)", lambda: HFModel(args.model, directory)))
+    base = None
+    for label, build in systems:
+        model = build()
+        (answers, tokens), seconds = timed(answer_all, model, requests)
+        row = record(rows, "evaluation", label, max(args.threads), answers, "answers", seconds,
+                     baseline=base)
+        record(rows, "evaluation", label + " (tokens)", max(args.threads), tokens, "tokens", seconds)
+        base = base or row
+        del model
+
+
 SECTIONS = {"sampling": sampling_section, "parity": parity_section, "judge": judge_section, "dpo": dpo_section,
-            "dpo_checkpointing": dpo_checkpointing_section}
+            "dpo_checkpointing": dpo_checkpointing_section, "evaluation": evaluation_section}
 
 
 def run_section(section: str, args) -> tuple[list[dict], float]:
@@ -378,6 +426,9 @@ def main() -> None:
     parser.add_argument("--dpo-pairs", type=int, default=8)
     parser.add_argument("--parity-prompts", type=int, default=2, help="questions per task for the parity section")
     parser.add_argument("--parity-tokens", type=int, default=64)
+    parser.add_argument("--eval-questions", type=int, default=5, help="test questions per task (evaluation section)")
+    parser.add_argument("--eval-samples", type=int, default=2, help="samples per test question (configs/cpu.yaml: 2)")
+    parser.add_argument("--eval-tokens", type=int, default=640, help="max new tokens (configs/cpu.yaml: 640)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="the matmul yardstick is measured inside the sampling section")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check of the script)")
@@ -387,6 +438,7 @@ def main() -> None:
         args.questions, args.samples, args.max_new_tokens, args.judge_pairs, args.dpo_pairs = 1, 4, 16, 4, 4
         args.pipeline_questions, args.pipeline_tokens = 1, 16
         args.parity_prompts, args.parity_tokens = 1, 16
+        args.eval_questions, args.eval_samples, args.eval_tokens = 1, 2, 32
         args.threads = [max(args.threads)]
     rows: list[dict] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
