@@ -8,7 +8,7 @@ threads and library versions):
 1. the machine's fp32 matmul rate (2048 x 2048), the yardstick for achieved FLOP/s;
 2. sampling: (a) a faithful re-implementation of the official repository's loop (transformers
    ``generate``, batches of 5, the prompt repeated per sample, no prefix sharing, logits kept for
-   log-probs) vs (b) our sampler (``wowlib.llm.hf``: batches across questions sorted by length,
+   log-probs) vs (b) our sampler (``wowlib.llm.engine.hf``: batches across questions sorted by length,
    shared prefill, early stop) in fp32, bf16 and int8, at 1 and 2 threads; then our sampler with its
    defaults on the cpu profile's own sampling workload (NLGraph, 24 questions). Every system generates
    exactly ``--max-new-tokens`` per sample (stop tokens suppressed), so tokens/s compare like
@@ -45,7 +45,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from wowlib import store
 from wowlib.llm.base import Decoding, Request
-from wowlib.llm.hf import HFModel, HFOptions, _cpu_has_bf16, native_bf16
+from wowlib.llm.engine.hf import HFModel, HFOptions, _cpu_has_bf16, native_bf16
 from wowlib.llm.models import model_path
 from wowlib.tasks import get_task
 

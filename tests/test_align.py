@@ -432,7 +432,7 @@ def test_a_changed_byte_is_caught_where_the_structure_still_holds(runs, tmp_path
 
 
 def test_evaluation_refuses_a_damaged_adapter_naming_it(runs, tmp_path):
-    """Every backend hashes an adapter (wowlib.llm.hf.adapter_hash) before it loads it: a damaged
+    """Every backend hashes an adapter (wowlib.llm.chat.adapter_hash) before it loads it: a damaged
     one is a clear error naming the directory and the file, not a crash inside peft."""
     from wowlib.llm.chat import adapter_hash
     out = _copy_of(runs, "dpo", tmp_path)

@@ -13,7 +13,7 @@ import torch
 
 from wowlib.llm import constrain
 from wowlib.llm.base import Decoding, Request
-from wowlib.llm.hf import HFModel
+from wowlib.llm.engine.hf import HFModel
 
 
 def biased(model: HFModel, token_ids: list[int], bonus: float = 50.0) -> HFModel:

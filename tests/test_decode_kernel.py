@@ -1,4 +1,4 @@
-"""The compiled decode-attention kernel (wowlib/llm/decode_kernel.py) computes what torch's
+"""The compiled decode-attention kernel (wowlib/llm/engine/decode_kernel.py) computes what torch's
 cascade attention computes: fp32 to 1e-5 on random data with every edge the sampler produces
 (head lengths at block edges, groups larger than a work item, left padding, masked slots, one or
 two threads); bf16 within bf16 rounding; and the sampler gives the same tokens and log-probs with
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from wowlib.llm import decode_kernel
+from wowlib.llm.engine import decode_kernel
 from wowlib.llm.base import Decoding, Request
-from wowlib.llm.hf import HFModel, HFOptions, _Cascade
+from wowlib.llm.engine.hf import HFModel, HFOptions, _Cascade
 
 REASON = decode_kernel.unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"decode kernel unavailable: {REASON}")
@@ -110,7 +110,7 @@ def test_attention_option_is_checked(tiny_dir: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(decode_kernel, "unavailable_reason", lambda: "no C++ compiler (install g++ or set $CXX)")
     with pytest.raises(ValueError, match="kernel is unavailable: no C\\+\\+ compiler"):
         HFModel("tiny", tiny_dir, options=HFOptions(dtype="fp32", attention="kernel"))
-    with caplog.at_level(logging.WARNING, logger="wowlib.llm.hf"):
+    with caplog.at_level(logging.WARNING, logger="wowlib.llm.engine.hf"):
         model = HFModel("tiny", tiny_dir, options=HFOptions(dtype="fp32"))
     assert not model._kernel and "using torch attention" in caplog.text
 

@@ -6,7 +6,7 @@ Kept fast paths (benchmarks/README.md has the measurements):
   attention (exact up to fp noise);
 - sampling by inverse CDF with one uniform number per row (same distribution as multinomial);
 - bf16 linear weights reordered once for oneDNN, the MLP's gate and up projections as one matmul,
-  RMSNorm and SiLU(gate) * up in one compiled pass each (``wowlib/llm/packed.py``): the numbers of
+  RMSNorm and SiLU(gate) * up in one compiled pass each (``wowlib/llm/engine/packed.py``): the numbers of
   the transformers modules up to float summation order (a module's outputs at most 1 bf16 ulp
   apart, rarely; within 1e-2 logits asserted here).
 
@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from wowlib.llm import packed
+from wowlib.llm.engine import packed
 from wowlib.llm.base import Decoding, Request
-from wowlib.llm.hf import (
+from wowlib.llm.engine.hf import (
     HFModel,
     HFOptions,
     _cpu_has_bf16,

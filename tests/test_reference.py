@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wowlib.llm.base import Decoding, Request
-from wowlib.llm.hf import HFModel, HFOptions
+from wowlib.llm.engine.hf import HFModel, HFOptions
 from wowlib.llm.models import load_llm
 from wowlib.llm.reference import ReferenceModel
 

@@ -91,7 +91,8 @@ def test_the_cpu_cap_turns_off_what_the_cpu_would_choose(monkeypatch) -> None:
     """WOW_CPU_ISA=avx2: no AMX, no AVX-512 kernels, no hardware bf16, whatever this CPU has (CI runs
     the engine and training tests capped, so every machine exercises the smallest CPU's path)."""
     from wowlib import align
-    from wowlib.llm import cpu, decode_kernel
+    from wowlib.llm import cpu
+    from wowlib.llm.engine import decode_kernel
     monkeypatch.setenv("WOW_CPU_ISA", "avx2")
     assert not (cpu.has_amx() or cpu.has_avx512() or cpu.has_bf16() or align.cpu_has_bf16())
     decode_kernel.unavailable_reason.cache_clear()          # asked once per process: the cap is set at start

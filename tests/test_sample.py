@@ -15,7 +15,7 @@ import torch
 from wowlib import store
 from wowlib.llm.base import Completion, Decoding, Request
 from wowlib.llm.cache import CachedLLM
-from wowlib.llm.hf import HFModel, HFOptions
+from wowlib.llm.engine.hf import HFModel, HFOptions
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ RESUME_SCRIPT = """
 import sys
 from wowlib import store
 from wowlib.llm.cache import CachedLLM
-from wowlib.llm.hf import HFModel, HFOptions
+from wowlib.llm.engine.hf import HFModel, HFOptions
 from wowlib.llm.tiny import tiny_model_dir
 from wowlib.sample import answer_questions, SampleConfig
 from wowlib.tasks import get_task

@@ -291,7 +291,7 @@ def test_real_vllm_matches_hf_greedy_on_the_tiny_model() -> None:
     import torch
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a GPU; none here")
-    from wowlib.llm.hf import HFModel
+    from wowlib.llm.engine.hf import HFModel
     from wowlib.llm.tiny import tiny_model_dir
     tiny_dir = tiny_model_dir()
     model = vb.VLLMModel("tiny", tiny_dir, gpu_memory_utilization=0.3, enforce_eager=True, dtype="float32")

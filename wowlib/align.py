@@ -19,7 +19,7 @@ reference-free.
 Data format (checked for every trainer in trl 1.16): DPO-family and SFT records are passed to trl
 *conversational*, ``prompt=[{"role": "user", ...}]``, ``chosen``/``rejected`` (or SFT's
 ``completion``) = ``[{"role": "assistant", ...}]``, so trl renders them with the model's own chat
-template, the one the inference backend (``wowlib.llm.hf``) uses. CPO/SimPO/ORPO get the same
+template, the one the inference backend (``wowlib.llm.engine.hf``) uses. CPO/SimPO/ORPO get the same
 rendering as plain strings, applied here (see ``to_dataset``). A tokenizer without a chat template
 is an error rather than a silently invented format.
 
@@ -654,7 +654,7 @@ class ReferenceCache:
 #
 # An adapter counts as trained only when its files verify: ``train`` records the sha256 of every
 # adapter file in ``train_log.json`` (key ``files``), the last file it writes, and ``is_trained`` and
-# evaluation (``wowlib.llm.hf.adapter_hash``, which every backend calls before loading an adapter)
+# evaluation (``wowlib.llm.chat.adapter_hash``, which every backend calls before loading an adapter)
 # check them. An adapter without that record (trained before it existed, or by other means) is
 # checked for structure instead: a JSON config and a safetensors file whose header accounts for
 # its exact size, which is what a truncated copy fails.

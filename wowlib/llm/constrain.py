@@ -18,7 +18,7 @@ its own (SmolLM2, Llama 3: " 7" is " " then "7"), and left without one where a t
 space (" 7", " B"), so that the answer is spelled the way the model would spell it.
 
 This module holds the backend-independent part (the constraint spec, the token classes of a
-tokenizer, the per-row state machine on next-token log-probs); ``wowlib.llm.hf`` runs it inside
+tokenizer, the per-row state machine on next-token log-probs); ``wowlib.llm.engine.hf`` runs it inside
 its decoding loop. A backend that cannot constrain says so (``supports_constraints``).
 """
 from __future__ import annotations

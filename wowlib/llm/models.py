@@ -204,6 +204,6 @@ def load_llm(name: str, adapter: str | Path | None = None, backend: str | None =
         from .reference import ReferenceModel
         return ReferenceModel(model_label(name), model_path(name), adapter=adapter, stop_strings=spec.stop_strings,
                               **options)
-    from .hf import HFModel, HFOptions
+    from .engine.hf import HFModel, HFOptions
     return HFModel(model_label(name), model_path(name), adapter=adapter, stop_strings=spec.stop_strings,
                    options=HFOptions(**options))

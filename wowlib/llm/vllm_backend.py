@@ -1,4 +1,4 @@
-"""The vLLM backend: the same LLM protocol as ``wowlib.llm.hf.HFModel`` on vLLM's engine
+"""The vLLM backend: the same LLM protocol as ``wowlib.llm.engine.hf.HFModel`` on vLLM's engine
 (GPU; tensor parallelism across GPUs; LoRA adapters of aligned models without merging).
 
 Install with ``pip install -e .[vllm]`` (an optional extra: vLLM pins its own torch, so it is

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import cache_dir
+from ...paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def load() -> ctypes.CDLL:
 def unavailable_reason() -> str | None:
     """None where the kernel loads and is vectorised for this CPU, else why not (asked once per
     process: a failed build is not retried for every model)."""
-    from . import cpu
+    from .. import cpu
     if not cpu.has_avx512():
         return "WOW_CPU_ISA caps this process at AVX2 (or the CPU has no AVX-512): torch's attention is used"
     try:

@@ -46,9 +46,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import constrain, cpu, decode_kernel, packed
-from .base import Completion, Message, Request, batches_of, is_repeating, prefixes
-from .chat import ChatModel, inference_dtype
+from .. import constrain, cpu
+from . import decode_kernel, packed
+from ..base import Completion, Message, Request, batches_of, is_repeating, prefixes
+from ..chat import ChatModel, inference_dtype
 
 log = logging.getLogger(__name__)
 

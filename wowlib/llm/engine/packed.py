@@ -42,7 +42,7 @@ def available() -> bool:
 def fused_ops() -> ctypes.CDLL | None:
     """The fused element-wise passes, or None (logged once) where they cannot be built or are not
     vectorised for this CPU (their portable loops are slower than torch's)."""
-    from . import cpu
+    from .. import cpu
     if not cpu.has_avx512():
         log.info("fused RMSNorm / SiLU passes off: no AVX-512 here (or WOW_CPU_ISA caps it), using torch's ops")
         return None
