@@ -201,10 +201,10 @@ def plan(p: Mapping[str, Any]) -> dict[str, Any]:
     steps = sets * grid * p["max_pairs"] * sum(p["epochs"]) / len(p["epochs"])
     # each adapter answers its own task's evaluation splits (the original model every task's), answer +
     # extraction; the extra sets are counted on one task each
-    adapters_on = {t: sets_per_task * grid * (t in p["align_tasks"]) for t in q_eval}
-    eval_calls = sum((adapters_on[t] + 1) * q for t, q in q_eval.items()) * len(p["eval_splits"]) \
-        * p["eval_n_samples"] * 2 + len(p["extra_sets"]) * grid * max(q_eval.values(), default=0) \
-        * len(p["eval_splits"]) * p["eval_n_samples"] * 2
+    models_on = {t: 1 + sets_per_task * grid * (t in p["align_tasks"]) for t in q_eval}
+    questions = sum(models_on[t] * q for t, q in q_eval.items()) \
+        + len(p["extra_sets"]) * grid * max(q_eval.values(), default=0)
+    eval_calls = questions * len(p["eval_splits"]) * p["eval_n_samples"] * 2
     gen_tokens = (answers + eval_calls) * (p["max_new_tokens"] + 32) + judge_calls * 64
     return {
         "tasks": {t: {"train_questions": q, "from_data": ok} for t, (q, ok) in q_train.items()},

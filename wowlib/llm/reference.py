@@ -7,13 +7,12 @@ A reply is the tokens decoded after the rendered chat (``ChatModel.render``) unt
 or stop string ("stop"), a reply that repeats one span (``Decoding.stop_on_repeat``, checked
 every 8 tokens: "repeat"), or ``max_new_tokens`` ("length"). Each token's log-prob is taken under
 the model at temperature 1, whatever the sampling temperature (before ``min_new_tokens``, a
-benchmark's forced length, the engine's are renormalised without the stop tokens it suppresses). A constrained final answer is a
-greedy loop over ``constrain.RowState``. Sampling draws from torch's generator seeded per batch:
+benchmark's forced length, the engine's are renormalised without the stop tokens it suppresses).
+A constrained final answer is a greedy loop over ``constrain.RowState``. Sampling draws from torch's generator seeded per batch:
 the same request gives the same answer in the same batch, but not the engine's draws.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from . import constrain
 from .base import Completion, Decoding, Message, Request, batches_of, is_repeating, prefixes
+from ..tasks.base import stable_seed
 from .chat import ChatModel, inference_dtype
 
 
@@ -59,7 +59,7 @@ class ReferenceModel(ChatModel):
             return [self._constrained(r) for r in requests]
         ids, mask = self._left_pad([self.encode(self._prompt_text(r)) for r in requests])
         width = ids.shape[1]
-        torch.manual_seed(_batch_seed(requests))
+        torch.manual_seed(stable_seed(json.dumps([r.as_json() for r in requests], sort_keys=True)))
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, generation_config=self._generation_config(decoding),
             stopping_criteria=StoppingCriteriaList([_Finished(self, decoding, width)]))
@@ -84,14 +84,19 @@ class ReferenceModel(ChatModel):
         for step, (tok, lp) in enumerate(zip(generated, step_logprobs)):
             tokens.append(tok)
             logps.append(lp[tok].item())
-            if self._ended(tokens, step, decoding):
-                finish = "repeat" if tok not in self.stop_ids and not self._hit_stop_string(tokens) else "stop"
+            ended = self._ended(tokens, step, decoding)
+            if ended:
+                finish = ended
                 break
         return self._completion(tokens, logps, finish)
 
-    def _ended(self, tokens: list[int], step: int, decoding: Decoding) -> bool:
-        return tokens[-1] in self.stop_ids or self._hit_stop_string(tokens) or \
-            (decoding.stop_on_repeat and step % 8 == 7 and is_repeating(tokens))
+    def _ended(self, tokens: list[int], step: int, decoding: Decoding) -> str | None:
+        """Why the reply ends after its last token ("stop", "repeat"), or None: the engine's rule."""
+        if tokens[-1] in self.stop_ids or self._hit_stop_string(tokens):
+            return "stop"
+        if decoding.stop_on_repeat and step % 8 == 7 and is_repeating(tokens):
+            return "repeat"
+        return None
 
     def _constrained(self, request: Request) -> Completion:
         """Greedy, one token at a time, each chosen by the answer's state machine."""
@@ -113,9 +118,9 @@ class ReferenceModel(ChatModel):
                 break
             tokens.append(tok)
             logps.append(lp)
-            if state.finished or self._ended(tokens, step, decoding):
-                finish = "repeat" if not state.finished and tok not in self.stop_ids \
-                    and not self._hit_stop_string(tokens) else "stop"
+            ended = "stop" if state.finished else self._ended(tokens, step, decoding)
+            if ended:
+                finish = ended
                 break
             out = self.model(input_ids=torch.tensor([[tok]], device=self.device),
                              cache=out.past_key_values, use_cache=True)
@@ -152,10 +157,5 @@ class _Finished(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = []
         for row in input_ids[:, self.width:].tolist():
-            done.append(self.model._ended(row, len(row) - 1, self.decoding))
+            done.append(self.model._ended(row, len(row) - 1, self.decoding) is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _batch_seed(requests: Sequence[Request]) -> int:
-    payload = json.dumps([r.as_json() for r in requests], sort_keys=True)
-    return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "little") & (2**63 - 1)
