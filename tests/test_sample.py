@@ -308,3 +308,22 @@ def test_a_rerun_with_other_settings_is_refused_unless_asked(tmp_path: Path, dat
     monkeypatch.setenv(store.OVERWRITE_ENV, "1")
     run_sampling(run, config, llm=Stub())
     assert path.read_bytes() == before
+
+
+def test_groups_answered_together_equal_one_call_each(tmp_path: Path, tiny_dir: Path, data_dir: Path) -> None:
+    """``answer_groups`` (a model's tasks and splits in one batch, as the evaluation runs them) gives
+    each group exactly the records of its own ``answer_questions`` call, in the groups' order.
+    ``max_batch=1``: every row decodes alone, so the two paths differ only in their bookkeeping."""
+    from wowlib.sample import answer_groups, answer_questions
+    from wowlib.tasks import get_task
+    model = HFModel("tiny", tiny_dir, options=HFOptions(max_batch=1))
+    kc, sp = get_task("kc", data_dir=data_dir), get_task("nlgraph_shortest_path", data_dir=data_dir)
+    groups = [(kc, kc.questions("test", 2), "test"), (sp, sp.questions("test", 1), "test"),
+              (kc, kc.questions("val", 1), "val")]
+    decoding, extraction = Decoding(temperature=1.0, max_new_tokens=12), Decoding(temperature=0.0, max_new_tokens=6)
+    together = answer_groups(CachedLLM(model, tmp_path / "a"), groups, 2, decoding, extraction, 0, "constrained")
+    alone = [answer_questions(CachedLLM(model, tmp_path / "b"), task, questions, 2, decoding, extraction, 0, split,
+                              "constrained") for task, questions, split in groups]
+    assert [len(g) for g in together] == [4, 2, 2]
+    assert together == alone
+    assert [r["task"] for r in together[1]] == ["nlgraph_shortest_path"] * 2 and together[2][0]["split"] == "val"

@@ -691,22 +691,32 @@ def eval_items(config: EvalConfig, task) -> list[tuple[str, Any]]:
 def answer_items(llm, config: EvalConfig, task, items: Sequence[tuple[str, Any]], label: str) -> list[dict]:
     """The Phase 1 protocol on (split, question) ``items`` (``eval_items`` or a contiguous range of
     them), split by split in their order; every record's ``generator`` is ``label``."""
+    return answer_tasks(llm, config, [(task, items)], label)[0]
+
+
+def answer_tasks(llm, config: EvalConfig, work: Sequence[tuple[Any, Sequence[tuple[str, Any]]]],
+                 label: str) -> list[list[dict]]:
+    """``answer_items`` for several (task, items) at once, all answered in one batch
+    (``sample.answer_groups``): a model's tasks share one decoding tail. Returns each task's records."""
     from itertools import groupby
 
     from .llm.base import Decoding
-    from .sample import answer_questions, extraction_mode
+    from .sample import answer_groups, extraction_mode
     decoding = Decoding(temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                         stop_on_repeat=config.stop_on_repeat)
     extraction = Decoding(temperature=0.0, max_new_tokens=config.extract_max_new_tokens)
     mode = extraction_mode(llm, config.extraction, config.extraction_fallback)
-    records = []
-    for split, group in groupby(items, key=lambda item: item[0]):
-        questions = task.materialise([q for _, q in group])
-        records += answer_questions(llm, task, questions, config.n_samples, decoding, extraction, config.seed, split,
-                                    mode)
-    for r in records:
-        r["generator"] = label
-    return records
+    groups, owner = [], []
+    for t, (task, items) in enumerate(work):
+        for split, group in groupby(items, key=lambda item: item[0]):
+            groups.append((task, task.materialise([q for _, q in group]), split))
+            owner.append(t)
+    out: list[list[dict]] = [[] for _ in work]
+    for t, records in zip(owner, answer_groups(llm, groups, config.n_samples, decoding, extraction, config.seed, mode)):
+        for r in records:
+            r["generator"] = label
+        out[t] += records
+    return out
 
 
 def write_eval(run, label: str, task: str, records: Sequence[dict], params: dict, model_key: str) -> None:
@@ -734,22 +744,25 @@ def _answer_split(run, config: EvalConfig, label: str, adapter: str | None, task
     from .llm.cache import CachedLLM
     from .llm.models import load_llm
     from .tasks import get_task
-    records = []
+    records: dict[str, list[dict]] = {}
+    todo = []                                  # (name, params) of the tasks to answer
     for name in tasks:
         path = run.eval(label, name)
         params = eval_params(config, label, adapter, name, run)
         recorded = store.manifest_params(path.parent, name)
         if path.exists() and recorded is not None and recorded.get("hash") == params["hash"]:
-            records += store.read_jsonl(path)
+            records[name] = store.read_jsonl(path)
             continue
         store.refuse_overwrite(path, _portable_record(recorded, run), params, ignore=("hash", "adapter_hash"))
-        if llm is None:
-            llm = CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
-        task = get_task(name, **(config.task_options or {}).get(name, {}))
-        task_records = answer_items(llm, config, task, eval_items(config, task), label)
-        write_eval(run, label, name, task_records, params, llm.key)
-        records += task_records
-    return records
+        todo.append((name, params))
+    if todo:
+        llm = llm if llm is not None else CachedLLM(load_llm(config.base_model, adapter=adapter), run.root / "cache")
+        work = [(task, eval_items(config, task)) for task in
+                (get_task(name, **(config.task_options or {}).get(name, {})) for name, _ in todo)]
+        for (name, params), task_records in zip(todo, answer_tasks(llm, config, work, label)):
+            write_eval(run, label, name, task_records, params, llm.key)
+            records[name] = task_records
+    return [r for name in tasks for r in records[name]]
 
 
 def _portable_record(recorded: dict | None, run) -> dict | None:

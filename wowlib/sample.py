@@ -121,18 +121,33 @@ def answer_questions(llm, task: Task, questions: Sequence[Question], n_samples: 
     """Sample, extract and grade: one record per (question, sample) (the samples contract,
     docs/design.md). ``llm`` is a CachedLLM, so an interrupted call is resumed, never repeated;
     ``mode``: the extraction mode this backend runs (``extraction_mode``)."""
+    return answer_groups(llm, [(task, questions, split)], n_samples, decoding, extraction, seed, mode)[0]
+
+
+def answer_groups(llm, groups: Sequence[tuple[Task, Sequence[Question], str]], n_samples: int, decoding: Decoding,
+                  extraction: Decoding, seed: int, mode: str = "text") -> list[list[dict]]:
+    """``answer_questions`` for several (task, questions, split) groups at once: their answers in
+    one ``generate`` call and their extractions in another, so the backend batches them together
+    (a batch's decoding lasts as long as its longest reply: one shared tail instead of one per
+    group). Returns each group's records, in the groups' order; the same records as one call each."""
     check_extraction(mode)
-    requests, meta = answer_requests(task, questions, n_samples, decoding, seed)
-    answers = llm.generate(requests, desc=f"answering {task.name}")
+    calls = [(task, q, i, order, split, request) for task, questions, split in groups
+             for request, (q, i, order) in zip(*answer_requests(task, questions, n_samples, decoding, seed))]
+    names = "+".join(dict.fromkeys(task.name for task, _, _ in groups))
+    answers = llm.generate([c[-1] for c in calls], desc=f"answering {names}")
     extractions: list[Completion | None] = [None] * len(answers)
-    if task.extract_prompt is not None:
-        todo = [k for k, a in enumerate(answers) if a.status == "ok"]
-        ex_requests = [extraction_request(task, meta[k][0], requests[k], answers[k].text, extraction, mode)
-                       for k in todo]
-        for k, completion in zip(todo, llm.generate(ex_requests, desc=f"extracting {task.name}")):
-            extractions[k] = completion
-    return [grade(task, q, i, order, requests[k], answers[k], extractions[k], split, llm.name, mode)
-            for k, (q, i, order) in enumerate(meta)]
+    todo = [k for k, (task, *_) in enumerate(calls) if task.extract_prompt is not None and answers[k].status == "ok"]
+    ex_requests = [extraction_request(task, q, request, answers[k].text, extraction, mode)
+                   for k in todo for task, q, _, _, _, request in [calls[k]]]
+    for k, completion in zip(todo, llm.generate(ex_requests, desc=f"extracting {names}") if todo else []):
+        extractions[k] = completion
+    records = [grade(task, q, i, order, request, answers[k], extractions[k], split, llm.name, mode)
+               for k, (task, q, i, order, split, request) in enumerate(calls)]
+    out, start = [], 0
+    for task, questions, _ in groups:
+        out.append(records[start:start + len(questions) * n_samples])
+        start += len(questions) * n_samples
+    return out
 
 
 def grade(task: Task, q: Question, sample_idx: int, order: list[int] | None, request: Request,
