@@ -16,9 +16,8 @@ own greedy continuations, so a single early flip cannot cascade):
   agreement >= 95% (measured here: 0.007 mean, 0.09 max, 99%; on SmolLM2-135M,
   ``benchmarks/bench.py --sections parity``: ~0.03 mean, ~98% agreement). The sampler's recorded
   log-probs vs fp32 teacher forcing: mean <= 0.02.
-- Dynamic int8 is NOT a kept path: harmless on this tiny model but it moves SmolLM2's log-probs by
-  >1 nat on average (activation outliers; see the parity section of the benchmark), so it is only
-  available on request and never chosen by default.
+- Dynamic int8 was removed: harmless on this tiny model but it moved SmolLM2's log-probs by
+  >1 nat on average (activation outliers; benchmarks/README.md).
 - cascade attention over shared heads in fp32: identical greedy and sampled text, log-probs
   within 1e-4 of the plain path.
 (Peak memory of the embedded model is measured by the benchmark, not here.)

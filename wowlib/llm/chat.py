@@ -17,7 +17,7 @@ from .base import Completion, Message, Request, batches_of
 BF16_MIN_PARAMS = 50_000_000        # below this, bf16 casts cost more than the matmuls save (measured)
 
 
-def inference_dtype(choice: str, device: torch.device, n_params: int | None, int8: bool = False) -> torch.dtype:
+def inference_dtype(choice: str, device: torch.device, n_params: int | None) -> torch.dtype:
     """The inference dtype. "auto": bf16 on a GPU that supports it; on a CPU, bf16 where it was
     measured to pay off (hardware bf16, AMX or AVX512-BF16, and a model of >= 50M parameters:
     SmolLM2-135M decodes ~2x faster with AMX, 2.3x with AVX512-BF16 (124 -> 290 tokens/s on a
@@ -29,7 +29,7 @@ def inference_dtype(choice: str, device: torch.device, n_params: int | None, int
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         elif device.type == "cpu":
             large = n_params is not None and n_params >= BF16_MIN_PARAMS
-            choice = "bf16" if cpu.has_bf16() and large and not int8 else "fp32"
+            choice = "bf16" if cpu.has_bf16() and large else "fp32"
     if choice == "bf16" and device.type == "cpu" and not cpu.has_bf16():
         raise ValueError("bf16 on this CPU is emulated and slow: use fp32 (dtype='auto') on CPU")
     return torch.bfloat16 if choice == "bf16" else torch.float32

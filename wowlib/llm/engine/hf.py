@@ -21,8 +21,8 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
 - sampling by inverse CDF (one uniform number per row and step) and greedy choice, both
   searching the vocabulary in two levels (blocks, then one block); a drawn token's log-prob read
   off the softmax it was drawn from.
-Dynamic int8 quantisation (``int8=True``) exists but is not used by default: it moves SmolLM2's
-log-probs by more than a nat on average (``bench.py`` parity section).
+Dynamic int8 quantisation was measured and removed: it moved SmolLM2's log-probs by 1.32 nats on
+average (benchmarks/README.md).
 
 Sampling is reproducible per request: each row draws from its own generator, seeded by the
 request (messages, decoding, sample index, seed), so an answer does not depend on what else is in
@@ -59,7 +59,6 @@ class HFOptions:
     max_batch: int = 256             # rows decoded together
     token_budget: int = 48_000       # KV-cache token slots per batch (HFModel._kv_tokens)
     min_shared_prefix: int = 32      # prompts sharing at least this many tokens prefill them once
-    int8: bool = False               # dynamic int8 linear layers (CPU): fast but INACCURATE on SmolLM2 (see below)
     dtype: str = "auto"              # "auto": bf16 on a GPU that supports it and on a CPU with bf16 (AMX, AVX512-BF16)
     device: str = "auto"
     threads: int | None = None       # torch CPU threads for this process (None: torch's default, all cores)
@@ -358,20 +357,16 @@ class HFModel(ChatModel):
         dtype = self.dtype
         if self.device.type == "cpu" and getattr(self.model.config, "_attn_implementation", None) == "sdpa":
             self.model.set_attn_implementation("wowlib_sdpa")
-        if self.options.int8:
-            if self.device.type != "cpu" or dtype != torch.float32:
-                raise ValueError("int8 dynamic quantisation is a CPU fp32 inference path (pass dtype='fp32')")
-            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self._kernel = self._use_kernel()
         self.packed: Counter = Counter()  # modules replaced by packed.py's stand-ins, by class
         if model is None and self.options.prepack and self.device.type == "cpu" and dtype == torch.bfloat16 \
                 and packed.available():
             self.packed = packed.pack_model(self.model, fuse=self.options.fused)
         self.key = f"hf:{name}" + (f"+adapter:{self.adapter_hash}" if self.adapter_hash else "") + \
-                   (":bf16" if dtype == torch.bfloat16 else "") + (":int8" if self.options.int8 else "")
+                   (":bf16" if dtype == torch.bfloat16 else "")
 
     def _dtype(self, n_params: int | None) -> torch.dtype:
-        return inference_dtype(self.options.dtype, self.device, n_params, self.options.int8)
+        return inference_dtype(self.options.dtype, self.device, n_params)
 
     def _use_kernel(self) -> bool:
         """Whether decoding steps with shared heads run in the compiled kernel (CPU only)."""
