@@ -9,11 +9,11 @@ threads and library versions):
 2. sampling: (a) a faithful re-implementation of the official repository's loop (transformers
    ``generate``, batches of 5, the prompt repeated per sample, no prefix sharing, logits kept for
    log-probs) vs (b) our sampler (``wowlib.llm.engine.hf``: batches across questions sorted by length,
-   shared prefill, early stop) in fp32, bf16 and int8, at 1 and 2 threads; then our sampler with its
+   shared prefill, early stop) in fp32 and bf16, at 1 and 2 threads; then our sampler with its
    defaults on the cpu profile's own sampling workload (NLGraph, 24 questions). Every system generates
    exactly ``--max-new-tokens`` per sample (stop tokens suppressed), so tokens/s compare like
    with like; achieved FLOP/s = 2 * parameters * tokens / seconds;
-3. parity: how far bf16 and int8 move the per-token log-probs from plain fp32 transformers;
+3. parity: how far bf16 moves the per-token log-probs from plain fp32 transformers;
 4. judging: pairwise verdicts per second, generated-text mode (the official loop's shape, and our
    sampler) vs next-token log-prob mode;
 5. DPO: pairs per second with and without precomputed reference log-probs, and (in a process of
@@ -21,7 +21,10 @@ threads and library versions):
 6. evaluation: the evaluation stage's answering workload (test questions x samples at temperature
    0.7, up to 640 tokens, looping replies stopped) on the plain reference backend
    (``wowlib.llm.reference``: ``generate``, one large batch, SDPA, fp32 and bf16 where the CPU has
-   it) vs the engine with its defaults; replies end where they end, so answers/s and tokens/s.
+   it) vs the engine with its defaults; replies end where they end, so answers/s and tokens/s;
+7. parts: the sampling and evaluation stages' workload in miniature on the engine with its
+   defaults and without each part (compiled decode kernel, fused passes, prepacked weights, shared
+   prompt heads): what each part buys end to end.
 Each section runs in a fresh process, so the peak RSS printed for it is that stage's own peak.
 """
 from __future__ import annotations
@@ -203,8 +206,8 @@ def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
     """Our sampler in fp32, bf16 (where the CPU has native bf16; the default on AMX CPUs), bf16
     without the compiled decode-attention kernel, bf16 without the fused RMSNorm and MLP passes, bf16
     with the transformers modules as they are (linear weights not reordered once for oneDNN, nothing
-    fused: ``packed.py``), and int8 (dynamic quantisation: measured for
-    speed, but see the parity section). Which attention each uses is printed."""
+    fused: ``packed.py``). Which attention each uses is printed. (Dynamic int8 was measured here too,
+    and removed: 1.32 nats mean |delta log-prob| on SmolLM2, benchmarks/README.md.)"""
     variants = [("wowlib sampler fp32", HFOptions(dtype="fp32", max_batch=max_batch))]
     if _cpu_has_bf16():
         variants.append(("wowlib sampler bf16" + (" (default here)" if native_bf16() else ""),
@@ -215,8 +218,6 @@ def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
                          HFOptions(dtype="bf16", max_batch=max_batch, fused=False)))
         variants.append(("wowlib sampler bf16, neither fused nor linear weights prepacked",
                          HFOptions(dtype="bf16", max_batch=max_batch, prepack=False)))
-    variants.append(("wowlib sampler int8 (inaccurate: see parity)", HFOptions(dtype="fp32", int8=True,
-                                                                               max_batch=max_batch)))
     return variants
 
 
@@ -398,8 +399,58 @@ def evaluation_section(args, rows: list[dict]) -> None:
         del model
 
 
+def stage_requests(args) -> list[Request]:
+    """The default profile's sampling and evaluation stages in miniature, as the pipeline issues them:
+    training questions x 10 samples and test questions x 2 samples, temperature 0.7, up to
+    ``--parts-tokens`` tokens, looping replies stopped (configs/cpu.yaml)."""
+    decoding = Decoding(temperature=0.7, max_new_tokens=args.parts_tokens, stop_on_repeat=True)
+    requests = []
+    for name, split, n_questions, n_samples in [(t, "train", args.parts_questions, 10) for t in args.tasks] + \
+            [(t, "test", args.eval_questions, args.eval_samples) for t in args.tasks]:
+        task = get_task(name)
+        for q in task.questions(split, n_questions):
+            requests += [Request.chat([{"role": "user", "content": task.prompt(q, task.option_order(q, i, 0))}],
+                                      decoding, sample_idx=i) for i in range(n_samples)]
+    return requests
+
+
+def engine_parts() -> list[tuple[str, HFOptions]]:
+    """The engine with its defaults, then without one part at a time (issue: keep a part only
+    where it buys >= 1.3x end to end on the sampling and evaluation stages)."""
+    return [("engine (defaults)", HFOptions()),
+            ("without the compiled decode kernel (torch attention)", HFOptions(attention="torch")),
+            ("without the fused RMSNorm / MLP passes", HFOptions(fused=False)),
+            ("without prepacked weights (nor fused)", HFOptions(prepack=False)),
+            ("without shared prompt heads (each row prefills its prompt)", HFOptions(min_shared_prefix=10**9))]
+
+
+def parts_section(args, rows: list[dict]) -> None:
+    """Each engine part's end-to-end ratio: the stage workload (``stage_requests``) with the
+    defaults over the same workload without the part. Replies end where they end (same seeds; a
+    part that changes float summation order can change a sampled token), so tokens are printed too."""
+    directory = model_path(args.model)
+    requests = stage_requests(args)
+    torch.set_num_threads(max(args.threads))
+    print(f"\n== engine parts, end to end: {args.model}, {len(requests)} answers (sampling: {args.parts_questions} "
+          f"training questions x 10 samples; evaluation: {args.eval_questions} test questions x {args.eval_samples} "
+          f"samples; tasks {', '.join(args.tasks)}), up to {args.parts_tokens} tokens", flush=True)
+    base = None
+    for label, options in engine_parts():
+        model = HFModel(args.model, directory, options=options)
+        (answers, tokens), seconds = timed(answer_all, model, requests)
+        row = record(rows, "parts", label + kernel_note(model), max(args.threads), answers, "answers", seconds)
+        record(rows, "parts", label + " (tokens)", max(args.threads), tokens, "tokens", seconds)
+        if base is None:
+            base = row
+        else:   # what the part buys: the defaults' speed over this variant's
+            print(f"      the part buys x{base['per_s'] / row['per_s']:.2f} end to end", flush=True)
+            row["ratio"], row["ratio_to"] = round(row["per_s"] / base["per_s"], 2), base["system"]
+        del model
+
+
 SECTIONS = {"sampling": sampling_section, "parity": parity_section, "judge": judge_section, "dpo": dpo_section,
-            "dpo_checkpointing": dpo_checkpointing_section, "evaluation": evaluation_section}
+            "dpo_checkpointing": dpo_checkpointing_section, "evaluation": evaluation_section,
+            "parts": parts_section}
 
 
 def run_section(section: str, args) -> tuple[list[dict], float]:
@@ -429,6 +480,9 @@ def main() -> None:
     parser.add_argument("--eval-questions", type=int, default=5, help="test questions per task (evaluation section)")
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per test question (configs/cpu.yaml: 2)")
     parser.add_argument("--eval-tokens", type=int, default=640, help="max new tokens (configs/cpu.yaml: 640)")
+    parser.add_argument("--parts-questions", type=int, default=4,
+                        help="training questions per task, x 10 samples (parts section)")
+    parser.add_argument("--parts-tokens", type=int, default=512, help="max new tokens (parts section; configs/cpu.yaml)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="the matmul yardstick is measured inside the sampling section")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check of the script)")
@@ -439,6 +493,7 @@ def main() -> None:
         args.pipeline_questions, args.pipeline_tokens = 1, 16
         args.parity_prompts, args.parity_tokens = 1, 16
         args.eval_questions, args.eval_samples, args.eval_tokens = 1, 2, 32
+        args.parts_questions, args.parts_tokens = 1, 32
         args.threads = [max(args.threads)]
     rows: list[dict] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
