@@ -23,8 +23,7 @@ threads and library versions):
    (``wowlib.llm.reference``: ``generate``, one large batch, SDPA, fp32 and bf16 where the CPU has
    it) vs the engine with its defaults; replies end where they end, so answers/s and tokens/s;
 7. parts: the sampling and evaluation stages' workload in miniature on the engine with its
-   defaults and without each part (compiled decode kernel, fused passes, prepacked weights, shared
-   prompt heads): what each part buys end to end.
+   defaults and without each part (compiled decode kernel, prepacked weights, shared prompt heads): what each part buys end to end.
 Each section runs in a fresh process, so the peak RSS printed for it is that stage's own peak.
 """
 from __future__ import annotations
@@ -204,19 +203,16 @@ def kernel_note(model: HFModel) -> str:
 
 def sampler_variants(max_batch: int) -> list[tuple[str, HFOptions]]:
     """Our sampler in fp32, bf16 (where the CPU has native bf16; the default on AMX CPUs), bf16
-    without the compiled decode-attention kernel, bf16 without the fused RMSNorm and MLP passes, bf16
-    with the transformers modules as they are (linear weights not reordered once for oneDNN, nothing
-    fused: ``packed.py``). Which attention each uses is printed. (Dynamic int8 was measured here too,
-    and removed: 1.32 nats mean |delta log-prob| on SmolLM2, benchmarks/README.md.)"""
+    without the compiled decode-attention kernel, and bf16 with the linear weights as they are (not
+    reordered once for oneDNN: ``packed.py``). Which attention each uses is printed. (Dynamic int8 and
+    fused RMSNorm / MLP passes were measured here too, and removed: benchmarks/README.md.)"""
     variants = [("wowlib sampler fp32", HFOptions(dtype="fp32", max_batch=max_batch))]
     if _cpu_has_bf16():
         variants.append(("wowlib sampler bf16" + (" (default here)" if native_bf16() else ""),
                          HFOptions(dtype="bf16", max_batch=max_batch)))
         variants.append(("wowlib sampler bf16, torch attention (no kernel)",
                          HFOptions(dtype="bf16", max_batch=max_batch, attention="torch")))
-        variants.append(("wowlib sampler bf16, RMSNorm and MLP not fused",
-                         HFOptions(dtype="bf16", max_batch=max_batch, fused=False)))
-        variants.append(("wowlib sampler bf16, neither fused nor linear weights prepacked",
+        variants.append(("wowlib sampler bf16, linear weights not prepacked",
                          HFOptions(dtype="bf16", max_batch=max_batch, prepack=False)))
     return variants
 
@@ -419,9 +415,9 @@ def engine_parts() -> list[tuple[str, HFOptions]]:
     where it buys >= 1.3x end to end on the sampling and evaluation stages)."""
     return [("engine (defaults)", HFOptions()),
             ("without the compiled decode kernel (torch attention)", HFOptions(attention="torch")),
-            ("without the fused RMSNorm / MLP passes", HFOptions(fused=False)),
-            ("without prepacked weights (nor fused)", HFOptions(prepack=False)),
-            ("without shared prompt heads (each row prefills its prompt)", HFOptions(min_shared_prefix=10**9))]
+            ("without prepacked weights", HFOptions(prepack=False)),
+            ("without shared prompt heads (each row prefills its prompt)", HFOptions(min_shared_prefix=10**9)),
+            ("engine (defaults, again: the drift over the section)", HFOptions())]
 
 
 def parts_section(args, rows: list[dict]) -> None:
@@ -437,6 +433,8 @@ def parts_section(args, rows: list[dict]) -> None:
     base = None
     for label, options in engine_parts():
         model = HFModel(args.model, directory, options=options)
+        warm = Decoding(temperature=0.7, max_new_tokens=8)      # first-call costs (kernel load, oneDNN plans) untimed
+        model.run_batch([Request.chat(requests[0].message_dicts, warm)])
         (answers, tokens), seconds = timed(answer_all, model, requests)
         row = record(rows, "parts", label + kernel_note(model), max(args.threads), answers, "answers", seconds)
         record(rows, "parts", label + " (tokens)", max(args.threads), tokens, "tokens", seconds)

@@ -67,7 +67,7 @@ def _build(compiler: str, source: Path, target: Path) -> None:
 def compiled(source: Path) -> ctypes.CDLL:
     """A C++ source of this package built for this CPU (cached, keyed by the source, the headers
     beside it, the compiler, the flags and the CPU) and loaded; raises ``KernelUnavailable`` with
-    the reason. Also used for ``fused_ops.cpp`` (``packed.py``)."""
+    the reason."""
     if platform.system() != "Linux":
         raise KernelUnavailable(f"built only on Linux (this is {platform.system()})")
     compiler = os.environ.get("CXX") or shutil.which("g++")

@@ -16,8 +16,7 @@ What makes it fast on a CPU, measured in ``benchmarks/`` (README there):
 - finished sequences leave the batch at once (early stop per sequence);
 - logits only for the positions that are needed (never the full prompt x vocabulary);
 - bf16 on CPUs with AMX (``dtype="auto"``), decode attention with ``enable_gqa``; the bf16 linear
-  weights reordered once into oneDNN's layout (``packed``) instead of at every call, RMSNorm and
-  the MLP's SiLU(gate) * up each one compiled pass;
+  weights reordered once into oneDNN's layout (``packed``) instead of at every call;
 - sampling by inverse CDF (one uniform number per row and step) and greedy choice, both
   searching the vocabulary in two levels (blocks, then one block); a drawn token's log-prob read
   off the softmax it was drawn from.
@@ -65,10 +64,7 @@ class HFOptions:
     attention: str = "auto"          # decoding steps with shared heads: "kernel" (compiled, decode_kernel.py),
                                      # "torch" (flash calls per group), "auto" (the kernel where it builds)
     prepack: bool = True             # bf16 CPU linear weights reordered once for oneDNN (packed.py): same
-                                     # numbers, 1.1-1.3x faster; only for a model this class loads itself
-    fused: bool = True               # with prepack: RMSNorm and the MLP's SiLU(gate) * up in one compiled
-                                     # pass each, gate and up one matmul (packed.py): the same numbers up
-                                     # to float summation order, ~1.1x faster sampling
+                                     # numbers, 1.36x end to end; only for a model this class loads itself
 
 
 class _BufferLayer(DynamicLayer):
@@ -361,7 +357,7 @@ class HFModel(ChatModel):
         self.packed: Counter = Counter()  # modules replaced by packed.py's stand-ins, by class
         if model is None and self.options.prepack and self.device.type == "cpu" and dtype == torch.bfloat16 \
                 and packed.available():
-            self.packed = packed.pack_model(self.model, fuse=self.options.fused)
+            self.packed = packed.pack_model(self.model)
         self.key = f"hf:{name}" + (f"+adapter:{self.adapter_hash}" if self.adapter_hash else "") + \
                    (":bf16" if dtype == torch.bfloat16 else "")
 

@@ -1,4 +1,4 @@
-// bf16 conversions and e^x shared by the compiled kernels (decode_attention.cpp, fused_ops.cpp).
+// bf16 conversions and e^x for the compiled decode kernel (decode_attention.cpp).
 // Part of each kernel's build-cache key (decode_kernel.compiled hashes the *.h files beside a source).
 #pragma once
 #include <bit>
