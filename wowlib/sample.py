@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import store
 from .llm.base import Completion, Decoding, Request
@@ -131,23 +131,33 @@ def answer_groups(llm, groups: Sequence[tuple[Task, Sequence[Question], str]], n
     (a batch's decoding lasts as long as its longest reply: one shared tail instead of one per
     group). Returns each group's records, in the groups' order; the same records as one call each."""
     check_extraction(mode)
-    calls = [(task, q, i, order, split, request) for task, questions, split in groups
+    calls = [_Call(g, task, q, i, order, split, request) for g, (task, questions, split) in enumerate(groups)
              for request, (q, i, order) in zip(*answer_requests(task, questions, n_samples, decoding, seed))]
     names = "+".join(dict.fromkeys(task.name for task, _, _ in groups))
-    answers = llm.generate([c[-1] for c in calls], desc=f"answering {names}")
+    answers = llm.generate([c.request for c in calls], desc=f"answering {names}")
     extractions: list[Completion | None] = [None] * len(answers)
-    todo = [k for k, (task, *_) in enumerate(calls) if task.extract_prompt is not None and answers[k].status == "ok"]
-    ex_requests = [extraction_request(task, q, request, answers[k].text, extraction, mode)
-                   for k in todo for task, q, _, _, _, request in [calls[k]]]
-    for k, completion in zip(todo, llm.generate(ex_requests, desc=f"extracting {names}") if todo else []):
-        extractions[k] = completion
-    records = [grade(task, q, i, order, request, answers[k], extractions[k], split, llm.name, mode)
-               for k, (task, q, i, order, split, request) in enumerate(calls)]
-    out, start = [], 0
-    for task, questions, _ in groups:
-        out.append(records[start:start + len(questions) * n_samples])
-        start += len(questions) * n_samples
+    todo = [k for k, c in enumerate(calls) if c.task.extract_prompt is not None and answers[k].status == "ok"]
+    if todo:
+        ex_requests = [extraction_request(calls[k].task, calls[k].question, calls[k].request, answers[k].text,
+                                          extraction, mode) for k in todo]
+        for k, completion in zip(todo, llm.generate(ex_requests, desc=f"extracting {names}")):
+            extractions[k] = completion
+    out: list[list[dict]] = [[] for _ in groups]
+    for c, answer, extracted in zip(calls, answers, extractions):
+        out[c.group].append(grade(c.task, c.question, c.sample_idx, c.order, c.request, answer, extracted, c.split,
+                                  llm.name, mode))
     return out
+
+
+class _Call(NamedTuple):
+    """One answering call of ``answer_groups`` and what grading it needs."""
+    group: int
+    task: Task
+    question: Question
+    sample_idx: int
+    order: list[int] | None
+    split: str
+    request: Request
 
 
 def grade(task: Task, q: Question, sample_idx: int, order: list[int] | None, request: Request,
