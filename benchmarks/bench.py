@@ -351,16 +351,23 @@ def dpo_checkpointing_section(args, rows: list[dict]) -> None:
     print(f"  peak RSS {peak_rss_gb():.2f} GB", flush=True)
 
 
+def protocol_requests(tasks: list[str], split: str, n_questions: int, n_samples: int,
+                      decoding: Decoding) -> list[Request]:
+    """The pipeline's answering calls: ``n_samples`` per question of ``split`` (MC: one option order
+    per sample, as in sampling and evaluation)."""
+    requests = []
+    for name in tasks:
+        task = get_task(name)
+        for q in task.questions(split, n_questions):
+            requests += [Request.chat([{"role": "user", "content": task.prompt(q, task.option_order(q, i, 0))}],
+                                      decoding, sample_idx=i) for i in range(n_samples)]
+    return requests
+
+
 def evaluation_requests(args) -> list[Request]:
     """The evaluation stage's answering calls: test questions x samples, the cpu profile's decoding."""
     decoding = Decoding(temperature=0.7, max_new_tokens=args.eval_tokens, stop_on_repeat=True)
-    requests = []
-    for name in args.tasks:
-        task = get_task(name)
-        for q in task.questions("test", args.eval_questions):
-            requests += [Request.chat([{"role": "user", "content": task.prompt(q, task.option_order(q, i, 0))}],
-                                      decoding, sample_idx=i) for i in range(args.eval_samples)]
-    return requests
+    return protocol_requests(args.tasks, "test", args.eval_questions, args.eval_samples, decoding)
 
 
 def answer_all(model, requests: list[Request]) -> tuple[int, int]:
@@ -400,14 +407,8 @@ def stage_requests(args) -> list[Request]:
     training questions x 10 samples and test questions x 2 samples, temperature 0.7, up to
     ``--parts-tokens`` tokens, looping replies stopped (configs/cpu.yaml)."""
     decoding = Decoding(temperature=0.7, max_new_tokens=args.parts_tokens, stop_on_repeat=True)
-    requests = []
-    for name, split, n_questions, n_samples in [(t, "train", args.parts_questions, 10) for t in args.tasks] + \
-            [(t, "test", args.eval_questions, args.eval_samples) for t in args.tasks]:
-        task = get_task(name)
-        for q in task.questions(split, n_questions):
-            requests += [Request.chat([{"role": "user", "content": task.prompt(q, task.option_order(q, i, 0))}],
-                                      decoding, sample_idx=i) for i in range(n_samples)]
-    return requests
+    return protocol_requests(args.tasks, "train", args.parts_questions, 10, decoding) + \
+        protocol_requests(args.tasks, "test", args.eval_questions, args.eval_samples, decoding)
 
 
 def engine_parts() -> list[tuple[str, HFOptions]]:
