@@ -18,6 +18,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_
 export PYTHONHASHSEED=0
 run=${WOW_RUN:-$(sed -n 's/^run: *//p' "$config")}
 out=${WOW_RUNS_DIR:-runs}/$run/notebooks
+# Each notebook reads its settings from the profile itself (wowlib.config.stage); WOW_RUN renames the run.
+overrides=()
+[ -n "${WOW_RUN:-}" ] && overrides=(-y "overrides: {run: '$WOW_RUN'}")
 mkdir -p "$out"
 n_cells() { .venv/bin/python -c "import json, sys; print(len(json.load(open(sys.argv[1]))['cells']) + 1)" "$1"; }
 # papermill --log-output marks each cell's end with "Ending Cell <n>---": print it with the elapsed time
@@ -36,9 +39,8 @@ for i in "${!stages[@]}"; do
   [ -f "notebooks/$nb.ipynb" ] || { echo "[$((i + 1))/${#stages[@]}] $nb: not built yet, skipped"; continue; }
   echo "[$((i + 1))/${#stages[@]}] $nb ..."
   start=$(date +%s)
-  .venv/bin/python -m wowlib.config "$config" --notebook "$nb" > "$out/$nb.params.yaml"   # its own keys only
   # The cells' output goes to $out/$nb.log; the terminal gets one line per finished cell.
-  if ! .venv/bin/papermill "notebooks/$nb.ipynb" "$out/$nb.ipynb" -f "$out/$nb.params.yaml" -p run "$run" \
+  if ! .venv/bin/papermill "notebooks/$nb.ipynb" "$out/$nb.ipynb" -p profile "$profile" "${overrides[@]}" \
         --cwd notebooks -k python3 --log-level INFO --log-output --no-progress-bar 2>&1 \
         | tee "$out/$nb.log" | cell_progress "$start" "$(n_cells "notebooks/$nb.ipynb")"; then
     tail -n 25 "$out/$nb.log" >&2

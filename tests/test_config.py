@@ -3,6 +3,7 @@ refused with the file, key and notebook named, and the dry-run plan counts what 
 Fast: no model is loaded, no notebook is run."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -97,7 +98,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 def test_wrong_type_names_key_and_notebook(tmp_path: Path, capsys, key, value, notebook) -> None:
     path = _profile(tmp_path, **{key: value})
     err = _fails(path, capsys)
-    assert str(path) in err and repr(key) in err and f"notebooks/{notebook}.ipynb" in err
+    assert str(path) in err and repr(key) in err and f"notebooks/{notebook}.ipynb" in err and "should be" in err
 
 
 @pytest.mark.parametrize("key, value", [
@@ -192,18 +193,6 @@ def test_run_all_refuses_an_unknown_profile() -> None:
     assert result.returncode == 2 and "configs/no-such-profile.yaml" in result.stderr
 
 
-def test_each_notebook_gets_only_its_own_keys(capsys) -> None:
-    """run_all.sh hands papermill one notebook's keys at a time (no 'unknown parameter' noise)."""
-    import yaml
-    assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "05_figures"]) == 0
-    assert set(yaml.safe_load(capsys.readouterr().out)) <= {"run", "figures_dir"}
-    assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "03_align"]) == 0
-    keys = set(yaml.safe_load(capsys.readouterr().out))
-    assert {"trainers", "max_pairs", "base_model"} <= keys and "n_samples" not in keys
-    assert config.main([str(REPO / "configs" / "paper.yaml"), "--notebook", "06_nope"]) == 2
-    assert "no notebook" in capsys.readouterr().err
-
-
 def test_score_judging_needs_whole_batches_of_five(tmp_path: Path, capsys) -> None:
     """The score judge grades a question's samples in fixed batches of five: n_samples must divide."""
     err = _fails(_profile(tmp_path, n_samples=4, score_modes=["logprob"]), capsys)
@@ -212,13 +201,108 @@ def test_score_judging_needs_whole_batches_of_five(tmp_path: Path, capsys) -> No
     assert config.main([str(_profile(tmp_path, n_samples=4, score_modes=[])), "--check"]) == 0
 
 
-def test_the_notebooks_defaults_are_the_smoke_profile() -> None:
-    """A reader who opens a notebook runs the smoke setting: every key of configs/smoke.yaml is the
-    default of each notebook that has it (nbval reuses the smoke run, so a drift is an overwrite)."""
-    import yaml
-    from wowlib import paths
-    smoke = yaml.safe_load((paths.REPO_ROOT / "configs" / "smoke.yaml").read_text())
-    drift = [(nb, key, params[key], value) for nb, params in config.notebook_parameters().items()
-             for key, value in smoke.items() if key != "run" and key in params
-             and (list(params[key]) if isinstance(params[key], tuple) else params[key]) != value]
-    assert not drift, drift
+def test_smoke_is_the_defaults() -> None:
+    """The defaults live in wowlib.config alone: configs/smoke.yaml only names its run, and a
+    notebook opened as committed (profile "smoke", no overrides) runs them."""
+    assert yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text()) == {"run": "smoke"}
+    assert config.stage("01_sample_wrong") == config.Sample()
+    assert config.resolved({"run": "smoke"}) == config.defaults()
+
+
+def test_stages_share_one_default_per_key() -> None:
+    """A key several notebooks read (tasks, temperature, base_model, ...) has one type and one default."""
+    seen: dict = {}
+    for cls in config.STAGES.values():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            assert seen.setdefault(f.name, (f.type, default)) == (f.type, default), f.name
+    assert {"run", "tasks", "temperature", "base_model", "judges"} <= set(seen)
+
+
+def test_each_stage_has_its_own_seed() -> None:
+    """seed: 0 for sampling can never become the training seed (the paper trains with 42)."""
+    seeds = {nb: [k for k in config.settings(cls) if k.endswith("seed")] for nb, cls in config.STAGES.items()}
+    assert seeds == {"01_sample_wrong": ["sample_seed"], "02_elicit": ["judge_seed"], "03_align": ["align_seed"],
+                     "04_evaluate": ["eval_seed"], "05_figures": []}
+    assert config.Align().align_seed == 42
+
+
+def test_stage_takes_overrides_and_checks_them(tmp_path: Path) -> None:
+    cpu = config.stage("03_align", "cpu", {"max_pairs": 3})
+    assert isinstance(cpu, config.Align) and cpu.max_pairs == 3 and cpu.base_model == "smollm2-135m"
+    assert config.stage("04_evaluate", _profile(tmp_path, eval_n_samples=7)).eval_n_samples == 7
+    with pytest.raises(config.ProfileError, match=r"overrides: 'n_samples' is not one of its settings"):
+        config.stage("03_align", "smoke", {"n_samples": 3})              # a setting of notebook 01, not 03
+    with pytest.raises(config.ProfileError, match=r"overrides: 'max_pairs' = None should be a whole number"):
+        config.stage("03_align", "smoke", {"max_pairs": None})
+    with pytest.raises(config.ProfileError, match=r"base_model.*'nobody'"):
+        config.stage("04_evaluate", "smoke", {"base_model": "nobody"})
+    with pytest.raises(config.ProfileError, match=r"no such profile"):
+        config.stage("01_sample_wrong", "no-such-profile")
+    with pytest.raises(config.ProfileError, match=r"no notebook '06_more'"):
+        config.stage("06_more")
+
+
+def _setup_cells(notebook: str) -> tuple[str, str]:
+    """The notebook's parameters cell and the cell after it (which turns the settings into the
+    objects the stage hands to the library)."""
+    cells = [c for c in json.loads((REPO / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code"]
+    k = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+    return "".join(cells[k]["source"]), "".join(cells[k + 1]["source"])
+
+
+def _notebook_with(notebook: str, overrides: dict, runs: Path, monkeypatch) -> dict:
+    """Run the parameters cell, the cell papermill injects (``-y "overrides: {...}"``) and the
+    setup cell, as papermill would; returns the notebook's variables."""
+    monkeypatch.setenv("WOW_RUNS_DIR", str(runs))
+    params, setup = _setup_cells(notebook)
+    namespace: dict = {}
+    exec(params, namespace)
+    assert namespace["profile"] == "smoke" and namespace["overrides"] == {}
+    namespace["overrides"] = overrides
+    exec(setup, namespace)
+    return namespace
+
+
+def test_override_reaches_the_library_01(tmp_path, monkeypatch) -> None:
+    ns = _notebook_with("01_sample_wrong", {"n_samples": 10, "sample_seed": 9, "chess_depth": 4}, tmp_path, monkeypatch)
+    assert [(c.n_samples, c.seed, c.task_options["chess"]["depth"]) for c in ns["configs"]] == [(10, 9, 4)]
+
+
+def test_override_reaches_the_library_02(tmp_path, monkeypatch) -> None:
+    ns = _notebook_with("02_elicit", {"text_cap": 2, "judge_seed": 5, "pairwise_modes": ["text"]}, tmp_path, monkeypatch)
+    args = ns["judge_args"]
+    assert args["caps"]["text"] == 2 and args["seed"] == 5 and args["pairwise_modes"] == ["text"]
+    import inspect
+    from wowlib import judge
+    assert set(args) <= set(inspect.signature(judge.run_judging).parameters)
+
+
+def test_override_reaches_the_library_03(tmp_path, monkeypatch) -> None:
+    ns = _notebook_with("03_align", {"max_pairs": 3, "align_seed": 7, "score_top_p": 0.1}, tmp_path, monkeypatch)
+    assert {(s.cap, s.seed, s.top_p) for s in ns["specs"]} == {(3, 7, 0.1)}
+
+
+def test_override_reaches_the_library_04(tmp_path, monkeypatch) -> None:
+    ns = _notebook_with("04_evaluate", {"eval_n_samples": 2, "eval_seed": 3, "generalisation": False},
+                        tmp_path, monkeypatch)
+    c = ns["config"]
+    assert (c.n_samples, c.seed, c.generalisation) == (2, 3, None)
+
+
+def test_override_reaches_the_library_05(tmp_path, monkeypatch) -> None:
+    ns = _notebook_with("05_figures", {"figures_dir": str(tmp_path / "mine"), "run": "other"}, tmp_path, monkeypatch)
+    assert ns["out"] == tmp_path / "mine" and ns["run_dir"].root == tmp_path / "other"
+
+
+@pytest.mark.parametrize("notebook", config.NOTEBOOKS)
+def test_a_bad_override_stops_the_first_cell(notebook, tmp_path, monkeypatch) -> None:
+    with pytest.raises(config.ProfileError, match=r"'no_such_key' is not one of its settings"):
+        _notebook_with(notebook, {"no_such_key": 1}, tmp_path, monkeypatch)
+
+
+def test_papermill_shows_the_typed_parameters() -> None:
+    result = _run(sys.executable, "-m", "papermill", "--help-notebook", "notebooks/03_align.ipynb")
+    assert result.returncode == 0, result.stderr
+    assert "profile: str" in result.stdout and "overrides: dict" in result.stdout, result.stdout

@@ -14,7 +14,6 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-import yaml
 
 from wowlib import data, paths
 from wowlib.evaluate import GENERALISATION
@@ -265,8 +264,9 @@ def test_a_corrupt_file_in_place_is_downloaded_again(mirror, small, tmp_path) ->
 # ---------------------------------------------------------------------------- check
 
 def needs(profile: str) -> set[str]:
-    """The default files of the profile's tasks and generalisation targets (read from the YAML)."""
-    values = yaml.safe_load((REPO / "configs" / f"{profile}.yaml").read_text())
+    """The default files of the profile's tasks and generalisation targets (its settings, defaults included)."""
+    from wowlib import config
+    values = config.resolved(config.load_profile(REPO / "configs" / f"{profile}.yaml"))
     tasks = set(values["tasks"])
     if values.get("generalisation") is True:
         tasks |= {t for task in values["tasks"] for t in GENERALISATION.get(task, ())}

@@ -70,13 +70,14 @@ def test_notebooks_are_committed_clean() -> None:
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), path.name
         params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(params) == 1, f"{path.name}: exactly one cell tagged 'parameters'"
-        assert 'run = "smoke"' in "".join(params[0]["source"]), path.name
+        assert 'profile: str = "smoke"' in "".join(params[0]["source"]), path.name
 
 
 def test_profiles_parse_and_name_their_run() -> None:
+    from wowlib import config
     for name in ("smoke", "cpu"):
-        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-        assert config["run"] and config["tasks"] and config["generators"]
+        settings = config.resolved(config.load_profile(REPO / "configs" / f"{name}.yaml"))
+        assert settings["run"] == name and settings["tasks"] and settings["generators"]
 
 
 def test_scripts_are_executable_and_ci_runs_the_readme_command() -> None:

@@ -353,7 +353,7 @@ def notebook(full_run, runs_root, tmp_path_factory) -> tuple[subprocess.Complete
     executed = tmp_path_factory.mktemp("nb") / "05_figures.ipynb"
     env = dict(os.environ, WOW_RUNS_DIR=str(runs_root), HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     cmd = [sys.executable, "-m", "papermill", str(paths.REPO_ROOT / "notebooks" / "05_figures.ipynb"),
-           str(executed), "-p", "run", full_run.root.name, "-k", "python3", "--cwd",
+           str(executed), "-y", f"overrides: {{run: {full_run.root.name}}}", "-k", "python3", "--cwd",
            str(paths.REPO_ROOT / "notebooks"), "--log-level", "WARNING"]
     return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300), executed
 

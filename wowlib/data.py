@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import config, paths
 
 log = logging.getLogger(__name__)
 
@@ -363,31 +363,19 @@ def fetch(sources: Sequence[Source], data_dir: Path, *, base: str | None = None,
 
 # ---------------------------------------------------------------------------- profiles
 
-def profile_path(profile: str) -> Path:
-    """A profile name (configs/<name>.yaml) or a path to a YAML file."""
-    candidate = Path(profile).expanduser()
-    if candidate.suffix in (".yaml", ".yml") or candidate.parent != Path("."):
-        return candidate if candidate.is_absolute() or candidate.exists() else paths.REPO_ROOT / candidate
-    return paths.REPO_ROOT / "configs" / f"{profile}.yaml"
-
-
 def profile_tasks(profile: str) -> tuple[Path, list[str], list[str]]:
     """(the YAML file, the profile's tasks, the generalisation targets it adds). A key the profile
-    does not set takes the notebooks' default, as papermill would."""
+    does not set takes its default (``wowlib.config``). Only these keys are read: the whole profile
+    is checked by ``python -m wowlib.config``."""
     import yaml
 
-    path = profile_path(profile)
+    path = config.profile_path(profile)
     if not path.is_file():
         raise FileNotFoundError(f"no profile {profile!r} (expected {path})")
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a profile is a flat YAML mapping, got {type(values).__name__}")
-    defaults: dict = {}
-    if "tasks" not in values or "generalisation" not in values:
-        from .config import notebook_parameters
-        for params in notebook_parameters().values():
-            for key in ("tasks", "generalisation"):
-                defaults.setdefault(key, params.get(key))
+    defaults = config.defaults()
     tasks = values.get("tasks", defaults.get("tasks")) or []
     if isinstance(tasks, str):
         tasks = [tasks]
