@@ -32,7 +32,6 @@ from . import paths, store
 from .elicit import Pair, is_swap_consistent, wow_pairs
 from .llm.base import Completion, Decoding, Request
 from .tasks import Question, Task, get_task
-from .tasks.base import stable_seed
 
 log = logging.getLogger(__name__)
 

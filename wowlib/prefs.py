@@ -26,7 +26,7 @@ from typing import Any
 from . import paths, store
 from .elicit import PROXY_TOL, is_wow_candidate, wow_pairs
 from .tasks import Task, get_task
-from .tasks.base import stable_seed
+from .seeds import stable_seed
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from . import constrain
 from .base import Completion, Decoding, Message, Request, batches_of, is_repeating, prefixes
-from ..tasks.base import stable_seed
+from ..seeds import stable_seed
 from .chat import ChatModel, inference_dtype
 
 

@@ -8,7 +8,6 @@ options), how it extracts the final answer (a second user turn + a regex), and h
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import paths
+from ..seeds import stable_seed
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SPLITS = ("train", "val", "test")
@@ -194,12 +194,6 @@ class Question:
     @property
     def is_mc(self) -> bool:
         return bool(self.options)
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed derived from the parts' text, stable across processes and Python versions."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 def normalise_text(text: str) -> str:

@@ -16,8 +16,8 @@ from .base import (
     mc_question,
     read_jsonl,
     require_items,
-    stable_seed,
 )
+from ..seeds import stable_seed
 from .registry import register
 
 SOURCE = ("Knowledge Crosswords, github.com/Wenwen-D/KnowledgeCrosswords, "

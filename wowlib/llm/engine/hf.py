@@ -30,7 +30,6 @@ is the same on a rerun.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -48,6 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import constrain, cpu
 from . import decode_kernel, packed
 from ..base import Completion, Message, Request, batches_of, is_repeating, prefixes
+from ...seeds import stable_seed
 from ..chat import ChatModel, inference_dtype
 
 log = logging.getLogger(__name__)
@@ -335,8 +335,8 @@ def blocked_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _row_seed(request: Request) -> int:
-    payload = json.dumps(request.as_json(), sort_keys=True)
-    return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "little") & (2**63 - 1)
+    """Each row's own sampling stream, from the request alone (a reply does not depend on its batch)."""
+    return stable_seed(json.dumps(request.as_json(), sort_keys=True)) & (2**63 - 1)
 
 
 class HFModel(ChatModel):
