@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import constrain, cpu
-from .base import Completion, Message, Request, batches_of
+from .base import Completion, Decoding, Message, Request, batches_of, is_repeating
 
 BF16_MIN_PARAMS = 50_000_000        # below this, bf16 casts cost more than the matmuls save (measured)
 
@@ -137,6 +137,16 @@ class ChatModel:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def finish_reason(self, tokens: list[int], step: int, decoding: Decoding) -> str | None:
+        """Why a reply ends after its last token (``step`` counts from 0): "stop" (a stop token or
+        string), "repeat" (it loops; checked every 8 tokens), or None: it goes on. Both backends
+        end replies by this rule."""
+        if tokens[-1] in self.stop_ids or self._hit_stop_string(tokens):
+            return "stop"
+        if decoding.stop_on_repeat and step % 8 == 7 and is_repeating(tokens):
+            return "repeat"
+        return None
 
     def _hit_stop_string(self, tokens: list[int]) -> bool:
         if not self.stop_strings:

@@ -21,7 +21,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from . import constrain
-from .base import Completion, Decoding, Message, Request, batches_of, is_repeating, prefixes
+from .base import Completion, Decoding, Message, Request, batches_of, prefixes
 from ..seeds import stable_seed
 from .chat import ChatModel, inference_dtype
 
@@ -84,19 +84,11 @@ class ReferenceModel(ChatModel):
         for step, (tok, lp) in enumerate(zip(generated, step_logprobs)):
             tokens.append(tok)
             logps.append(lp[tok].item())
-            ended = self._ended(tokens, step, decoding)
+            ended = self.finish_reason(tokens, step, decoding)
             if ended:
                 finish = ended
                 break
         return self._completion(tokens, logps, finish)
-
-    def _ended(self, tokens: list[int], step: int, decoding: Decoding) -> str | None:
-        """Why the reply ends after its last token ("stop", "repeat"), or None: the engine's rule."""
-        if tokens[-1] in self.stop_ids or self._hit_stop_string(tokens):
-            return "stop"
-        if decoding.stop_on_repeat and step % 8 == 7 and is_repeating(tokens):
-            return "repeat"
-        return None
 
     def _constrained(self, request: Request) -> Completion:
         """Greedy, one token at a time, each chosen by the answer's state machine."""
@@ -118,7 +110,7 @@ class ReferenceModel(ChatModel):
                 break
             tokens.append(tok)
             logps.append(lp)
-            ended = "stop" if state.finished else self._ended(tokens, step, decoding)
+            ended = "stop" if state.finished else self.finish_reason(tokens, step, decoding)
             if ended:
                 finish = ended
                 break
@@ -157,5 +149,5 @@ class _Finished(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = []
         for row in input_ids[:, self.width:].tolist():
-            done.append(self.model._ended(row, len(row) - 1, self.decoding) is not None)
+            done.append(self.model.finish_reason(row, len(row) - 1, self.decoding) is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -46,7 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import constrain, cpu
 from . import decode_kernel, packed
-from ..base import Completion, Message, Request, batches_of, is_repeating, prefixes
+from ..base import Completion, Message, Request, batches_of, prefixes
 from ...seeds import stable_seed
 from ..chat import ChatModel, inference_dtype
 
@@ -517,11 +517,10 @@ class HFModel(ChatModel):
                     continue
                 tokens[i].append(tok)
                 logps[i].append(lp)
-                if tok in self.stop_ids or self._hit_stop_string(tokens[i]) or \
-                        (states is not None and states[i].finished):
-                    finish[i] = "stop"
-                elif decoding.stop_on_repeat and step % 8 == 7 and is_repeating(tokens[i]):
-                    finish[i] = "repeat"
+                ended = "stop" if states is not None and states[i].finished else \
+                    self.finish_reason(tokens[i], step, decoding)
+                if ended:
+                    finish[i] = ended
                 else:
                     keep.append(row)
             if not keep:
