@@ -176,7 +176,7 @@ SCORERS = {"heuristic": heuristic_scores, "consistency": consistency_scores, "lo
 
 # ---------------------------------------------------------------------------- outcomes
 
-def _agrees(score_i: float | None, score_j: float | None, pair: Pair) -> tuple[int, float]:
+def agrees(score_i: float | None, score_j: float | None, pair: Pair) -> tuple[int, float]:
     """(agree, gap) of a score order with the proxy order; a tie or a missing score is wrong."""
     if score_i is None or score_j is None or math.isnan(score_i) or math.isnan(score_j):
         return 0, 0.0
@@ -196,7 +196,7 @@ def score_outcomes(pairs: Sequence[Pair], scores: dict[SampleKey, float], method
     """One outcome per pair from per-sample scores (higher = less wrong)."""
     out = []
     for p in pairs:
-        agree, gap = _agrees(scores.get(p.key_i), scores.get(p.key_j), p)
+        agree, gap = agrees(scores.get(p.key_i), scores.get(p.key_j), p)
         out.append(_outcome(p, judge, method, agree, gap))
     return out
 

@@ -93,7 +93,7 @@ def _bin_sums(correct: np.ndarray, conf: np.ndarray, n_bins: int) -> np.ndarray:
                      np.bincount(b, weights=correct.astype(float), minlength=n_bins)], axis=1)
 
 
-def _ece_from_bins(bins: np.ndarray) -> np.ndarray:
+def ece_from_bins(bins: np.ndarray) -> np.ndarray:
     """ECE = sum_b (n_b / n) |acc_b - conf_b| = sum_b |sum_b correct - sum_b conf| / n.
     Empty bins contribute nothing (they are skipped); no answers -> NaN. ``bins``: (..., n_bins, 3)."""
     n = bins[..., 0].sum(axis=-1)
@@ -109,7 +109,7 @@ def ece(correct: Sequence[bool] | np.ndarray, confidences: Sequence[float] | np.
     correct, conf = np.asarray(correct, dtype=bool), np.asarray(confidences, dtype=float)
     if correct.shape != conf.shape:
         raise ValueError(f"correct and confidences differ in shape: {correct.shape} vs {conf.shape}")
-    return float(_ece_from_bins(_bin_sums(correct, conf, n_bins)))
+    return float(ece_from_bins(_bin_sums(correct, conf, n_bins)))
 
 
 def reliability(correct: Sequence[bool] | np.ndarray, confidences: Sequence[float] | np.ndarray,
@@ -254,7 +254,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def _metrics(sums: np.ndarray, data: TaskData) -> dict[str, np.ndarray]:
+def metrics_from_sums(sums: np.ndarray, data: TaskData) -> dict[str, np.ndarray]:
     """The metrics of summed question rows ``sums`` (shape (..., columns)): one array each."""
     nan = np.full(sums.shape[:-1], np.nan)
     bins = sums[..., _N_FIXED:].reshape(sums.shape[:-1] + (data.n_bins, 3))
@@ -264,7 +264,7 @@ def _metrics(sums: np.ndarray, data: TaskData) -> dict[str, np.ndarray]:
         "p_wrong_parsed": _ratio(sums[..., _WRONG_PARSED_PROXY], sums[..., _N_WRONG_PARSED]) if proxy_ok else nan,
         "mean_proxy": _ratio(sums[..., _ALL_PROXY], sums[..., _N]) if data.has_proxy else nan,
         "accuracy": _ratio(sums[..., _N_CORRECT], sums[..., _N]) if graded else nan,
-        "ece": _ece_from_bins(bins) if graded else nan,
+        "ece": ece_from_bins(bins) if graded else nan,
     }
 
 
@@ -317,7 +317,7 @@ def task_metrics(records: Sequence[Mapping], n_bins: int = N_BINS) -> TaskMetric
 
 def _task_metrics(data: TaskData) -> TaskMetrics:
     total = data.sums.sum(axis=0)
-    values = {k: float(v) for k, v in _metrics(total, data).items()}
+    values = {k: float(v) for k, v in metrics_from_sums(total, data).items()}
     return TaskMetrics(task=data.task, n_questions=data.n_questions, n_samples=int(total[_N]),
                        n_wrong=int(total[_N_WRONG]), n_unparsed=data.n_unparsed, n_error=data.n_error,
                        n_confidence=int(total[_N_CONF]), note="; ".join(_notes(data)), **values)
@@ -370,7 +370,7 @@ def metric_cis(data: TaskData, n_resamples: int = N_RESAMPLES, seed: int = SEED,
     """Each model metric with its (unpaired) bootstrap CI over questions: ``name``, ``name_low``,
     ``name_high`` for every name in MODEL_METRICS."""
     def statistic(s: list[np.ndarray]) -> np.ndarray:
-        values = _metrics(s[0], data)
+        values = metrics_from_sums(s[0], data)
         return np.stack([values[k] for k in MODEL_METRICS])
     return _with_ci(MODEL_METRICS, *question_bootstrap([data.sums], statistic, n_resamples, seed,
                                                        confidence_level))
@@ -400,7 +400,7 @@ def improvements(original: TaskData, aligned: TaskData, n_resamples: int = N_RES
     o, a = original.restrict(common), aligned.restrict(common)
 
     def statistic(s: list[np.ndarray]) -> np.ndarray:
-        mo, ma = _metrics(s[0], o), _metrics(s[1], a)
+        mo, ma = metrics_from_sums(s[0], o), metrics_from_sums(s[1], a)
         return np.stack([ma["p_wrong"] - mo["p_wrong"], ma["p_wrong_parsed"] - mo["p_wrong_parsed"],
                          ma["mean_proxy"] - mo["mean_proxy"], ma["accuracy"] - mo["accuracy"],
                          mo["ece"] - ma["ece"]])
@@ -410,7 +410,7 @@ def improvements(original: TaskData, aligned: TaskData, n_resamples: int = N_RES
     for prefix, d in (("original", o), ("aligned", a)):
         total = d.sums.sum(axis=0)
         row[f"{prefix}_n_samples"] = int(total[_N])
-        for k, v in _metrics(total, d).items():
+        for k, v in metrics_from_sums(total, d).items():
             row[f"{prefix}_{k}"] = float(v)
     return row
 
