@@ -1,4 +1,4 @@
-"""The alignment entry point (``python -m wowlib.align --config ...``) under ``accelerate launch``
+"""The alignment entry point (``python -m wowlib.scale.train --config ...``) under ``accelerate launch``
 on the CPU, its config errors (each names the YAML key), and the checked-in accelerate configs."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from wowlib import align
+from wowlib.scale import train as cli
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = ("cpu", "single_gpu", "multi_gpu_ddp", "deepspeed_zero3")
@@ -73,7 +74,7 @@ def test_accelerate_launch_trains_the_tiny_model_on_cpu(tiny_dir, tmp_path) -> N
     config = _config(tmp_path)
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-           "-m", "wowlib.align", "--config", str(config)]
+           "-m", "wowlib.scale.train", "--config", str(config)]
     done = _launch(cmd, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "adapter"
@@ -83,7 +84,7 @@ def test_accelerate_launch_trains_the_tiny_model_on_cpu(tiny_dir, tmp_path) -> N
     assert train_log["config"]["max_steps"] == 2 and train_log["n_pairs"] == 4
     # a rerun with the same config, data and base model skips training (in-process: no torch import cost)
     before = (out / "adapter_model.safetensors").stat().st_mtime_ns
-    assert align.main(["--config", str(config)]) == out
+    assert cli.main(["--config", str(config)]) == out
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before
 
 
@@ -96,7 +97,7 @@ def test_two_process_ddp_on_cpu_writes_one_adapter_from_rank_0(tiny_dir, tmp_pat
     config = _config(tmp_path, align=align_cfg)
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "wowlib.align", "--config", str(config)]
+           "-m", "wowlib.scale.train", "--config", str(config)]
     done = _launch(cmd, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert all((tmp_path / "adapter" / f).exists() for f in align.ADAPTER_FILES)
@@ -104,7 +105,7 @@ def test_two_process_ddp_on_cpu_writes_one_adapter_from_rank_0(tiny_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "align.yaml", "prefs.jsonl"]
     # the precomputed reference cannot be shared between processes: a clear error, not a crash
     env = {**_env(), "WORLD_SIZE": "2"}
-    fail = subprocess.run([sys.executable, "-m", "wowlib.align", "--config", str(_config(tmp_path)), "--check"],
+    fail = subprocess.run([sys.executable, "-m", "wowlib.scale.train", "--config", str(_config(tmp_path)), "--check"],
                           check=False, env=env, capture_output=True, text=True, timeout=120)
     assert fail.returncode == 2 and "align.precompute_ref_log_probs: must be false with 2 processes" in fail.stderr
 
@@ -122,39 +123,39 @@ def test_two_process_ddp_on_cpu_writes_one_adapter_from_rank_0(tiny_dir, tmp_pat
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, changes, message) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        align.main(["--config", str(_config(tmp_path, **changes)), "--check"])
+        cli.main(["--config", str(_config(tmp_path, **changes)), "--check"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_bad_files_and_launches_are_clear_errors(tmp_path, capsys, monkeypatch) -> None:
     with pytest.raises(SystemExit):
-        align.main(["--config", str(tmp_path / "missing.yaml")])
+        cli.main(["--config", str(tmp_path / "missing.yaml")])
     assert "no such file" in capsys.readouterr().err
     broken = tmp_path / "broken.yaml"
     broken.write_text("- just\n- a list\n")
     with pytest.raises(SystemExit):
-        align.main(["--config", str(broken)])
+        cli.main(["--config", str(broken)])
     assert "must be a mapping" in capsys.readouterr().err
     config = _config(tmp_path)
     (tmp_path / "prefs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
     with pytest.raises(SystemExit):
-        align.main(["--config", str(config), "--check"])
+        cli.main(["--config", str(config), "--check"])
     assert "prefs:" in (err := capsys.readouterr().err) and "lacks ['rejected']" in err
-    assert align.launch_problem({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    assert align.launch_problem({"ACCELERATE_USE_FSDP": "true"})
-    assert "mixed_precision=bf16" in align.launch_problem({"ACCELERATE_MIXED_PRECISION": "bf16"})
-    assert align.launch_problem({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    assert cli.launch_problem({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert cli.launch_problem({"ACCELERATE_USE_FSDP": "true"})
+    assert "mixed_precision=bf16" in cli.launch_problem({"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert cli.launch_problem({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
                                  "ACCELERATE_MIXED_PRECISION": "no"}) is None
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(SystemExit):
-        align.main(["--config", str(_config(tmp_path)), "--check"])
+        cli.main(["--config", str(_config(tmp_path)), "--check"])
     assert "accelerate launch: mixed_precision=bf16" in capsys.readouterr().err
 
 
 def test_relative_paths_are_taken_from_the_repo_root(tmp_path) -> None:
     config = _config(tmp_path, out_dir="runs/some-run/models/x")
-    job = align.load_cli_config(config)
+    job = cli.load_cli_config(config)
     assert job.out_dir == REPO / "runs/some-run/models/x" and job.config.max_steps == 2
 
 
@@ -174,5 +175,5 @@ def test_example_config_is_valid(tmp_path) -> None:
     data["prefs"] = str(_prefs(tmp_path / "prefs.jsonl"))
     path = tmp_path / "example.yaml"
     path.write_text(yaml.safe_dump(data))
-    job = align.load_cli_config(path)
+    job = cli.load_cli_config(path)
     assert job.base_model == "smollm2-135m" and job.config == align.AlignConfig(**data["align"])

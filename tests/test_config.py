@@ -18,7 +18,7 @@ from wowlib import config
 
 REPO = Path(__file__).resolve().parent.parent
 # A profile is a configs/*.yaml with a `run` key (run_all.sh reads it); the others are not profiles
-# (align_example.yaml configures `python -m wowlib.align`; configs/accelerate/ is not globbed).
+# (align_example.yaml configures `python -m wowlib.scale.train`; configs/accelerate/ is not globbed).
 PROFILES = sorted(p for p in (REPO / "configs").glob("*.yaml") if "run" in (yaml.safe_load(p.read_text()) or {}))
 
 

@@ -21,7 +21,7 @@ from wowlib.evaluate import EvalConfig, answer_split
 from wowlib.judge import judge_folder, run_judging
 from wowlib.llm.cache import CachedLLM
 from wowlib.sample import SampleConfig, run_sampling
-from wowlib.shard import (
+from wowlib.scale.shard import (
     Shard,
     merge_all_samples,
     merge_evaluation,

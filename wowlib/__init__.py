@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "paths", "tasks", "llm", "store", "sample", "judge", "elicit", "prefs", "align",
-    "evaluate", "report", "config", "shard", "stats", "data",
+    "evaluate", "report", "config", "scale", "stats", "data", "seeds",
 }
 
 

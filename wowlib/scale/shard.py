@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import store
+from .. import store
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,8 @@ def _completed(path: Path, shard: Shard, meta: dict[str, Any], force: bool) -> l
 
 def _shard_llm(run: store.Run, shard: Shard, name: str, adapter: str | None = None):
     """Model ``name`` behind the shard's own call cache, ``cache/shard-<i>-of-<n>/``."""
-    from .llm.cache import CachedLLM
-    from .llm.models import load_llm
+    from ..llm.cache import CachedLLM
+    from ..llm.models import load_llm
     return CachedLLM(load_llm(name, adapter=adapter), run.root / "cache" / shard.tag)
 
 
@@ -251,8 +251,8 @@ def run_sampling_shard(run: store.Run, config, shard: Shard, llm=None, force: bo
     ``samples/<generator>/<task>.shard-<i>-of-<n>.jsonl`` (+ sidecar); returns one summary row per
     task (for this shard's questions). ``llm``: a ``CachedLLM`` (default: the generator behind
     the shard's own cache, ``cache/shard-<i>-of-<n>/``)."""
-    from .sample import answer_questions, extraction_mode, summarise
-    from .tasks import get_task
+    from ..sample import answer_questions, extraction_mode, summarise
+    from ..tasks import get_task
     model = _lazy(llm, lambda: _shard_llm(run, shard, config.generator))
     summaries = []
     for name in config.tasks:
@@ -299,9 +299,9 @@ def run_evaluation_shard(run: store.Run, config, label: str, adapter: str | None
     so the contiguous ranges concatenate back into the unsharded file. Writes
     ``eval/<label>/<task>.shard-<i>-of-<n>.jsonl`` (+ sidecar); returns one summary row per task.
     ``llm``: a ``CachedLLM`` (default: the model behind the shard's own cache)."""
-    from .evaluate import answer_items, eval_items, eval_params
-    from .sample import summarise
-    from .tasks import get_task
+    from ..evaluate import answer_items, eval_items, eval_params
+    from ..sample import summarise
+    from ..tasks import get_task
     model = _lazy(llm, lambda: _shard_llm(run, shard, config.base_model, adapter))
     summaries = []
     for name in tasks:
@@ -321,7 +321,7 @@ def merge_evaluation(run: store.Run, label: str, tasks: Sequence[str], count: in
     """Merge the ``count`` shards of ``eval/<label>/<task>`` for each of ``tasks`` into the file
     ``answer_split`` writes and its manifest entry (the parameters' hash included), so that
     ``run_evaluation`` with the same ``EvalConfig`` reuses it. A missing shard is an error naming it."""
-    from .evaluate import write_eval
+    from ..evaluate import write_eval
     paths = []
     for name in tasks:
         records, sidecars = merge_shards(run.eval(label, name), count, agree=("params", "model_key"))
@@ -346,7 +346,7 @@ def run_judging_shard(run: store.Run, shard: Shard, generators: Sequence[str], j
     summary row per job. ``load(judge_name)``: the judge (default: ``load_llm`` behind the shard's
     own cache). The judge is loaded even when every shard job is complete (its key is part of the
     parameters), but a complete job calls nothing."""
-    from .judge import MAX_NEW_TOKENS, judging_plans, summary_row
+    from ..judge import MAX_NEW_TOKENS, judging_plans, summary_row
     plans = judging_plans(run, generators, judges, tasks, pairwise_modes, score_modes, caps, seed,
                           max_new_tokens or MAX_NEW_TOKENS, load or (lambda name: _shard_llm(run, shard, name)))
     rows = []
@@ -371,7 +371,7 @@ def merge_judgments(run: store.Run, generator: str, judge_name: str, task: str, 
     ``judge_scores`` writes and its manifest entry (a log-prob ``run_judging`` then reuses it;
     text mode reruns through the call cache: see ``merge_judging``). A missing shard is an error
     naming it."""
-    from .judge import judge_folder, write_judgments
+    from ..judge import judge_folder, write_judgments
     path = run.judgments(generator, judge_folder(judge_name, mode), task, kind)
     records, sidecars = merge_shards(path, count, agree=("params", "judge_key", "leftover"))
     write_judgments(path, records, sidecars[0]["params"], sidecars[0]["judge_key"], sidecars[0]["leftover"])
