@@ -58,7 +58,10 @@ def table1(run: RunLike, out_dir: Path) -> Artifact:
         md[c] = [("" if pd.isna(v) else f"{100 * v:.1f}{s}") for v, s in zip(values[c], stars[c])]
     caption = ("**Table 1.** Elicitation accuracy (%) on wrong-over-wrong pairs; random = 50. "
                "`p` = share of pairs kept, largest score gap first; * = 95% bootstrap CI above 50%; "
-               "`overall` = pair-weighted mean over the columns.")
+               "`overall` = pair-weighted mean over the columns; empty = no pair. A `_consistent` row keeps "
+               "only the verdicts that follow the answers when the two are shown in the other order: empty "
+               "there means every verdict named the same position in both orders (the judge answered by "
+               "position, so its plain row measures the order the pairs were shown in).")
     written = save_figure(fig, out_dir, name) + save_table(table, out_dir, name, md, caption)
     return Artifact(name, written, table)
 
