@@ -306,3 +306,16 @@ def test_papermill_shows_the_typed_parameters() -> None:
     result = _run(sys.executable, "-m", "papermill", "--help-notebook", "notebooks/03_align.ipynb")
     assert result.returncode == 0, result.stderr
     assert "profile: str" in result.stdout and "overrides: dict" in result.stdout, result.stdout
+
+
+def test_notebook_05_reads_the_committed_results(tmp_path, monkeypatch) -> None:
+    """The README's "Just look": notebook 05 with overrides {"run": "../results/cpu"} reads the
+    committed results, whether or not runs/ exists."""
+    monkeypatch.delenv("WOW_RUNS_DIR", raising=False)
+    params, setup = _setup_cells("05_figures")
+    namespace: dict = {}
+    exec(params, namespace)
+    namespace["overrides"] = {"run": "../results/cpu"}
+    exec(setup, namespace)
+    assert namespace["run_dir"].root == REPO / "results" / "cpu"
+    assert (namespace["run_dir"].root / "eval" / "improvements.csv").is_file()

@@ -39,9 +39,10 @@ def cache_dir() -> Path:
 
 
 def run_dir(run: str) -> Path:
-    """``runs/<run>``; ``run`` may also be an absolute path."""
+    """``runs/<run>``; ``run`` may also be an absolute path, or relative with ``..`` (e.g.
+    ``../results/cpu``, the committed results), normalised so that it does not need ``runs/`` to exist."""
     path = Path(run)
-    return path if path.is_absolute() else runs_dir() / run
+    return path if path.is_absolute() else Path(os.path.normpath(runs_dir() / run))
 
 
 def prompt_text(name: str) -> str:
