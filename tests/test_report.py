@@ -444,25 +444,43 @@ def test_committed_results_and_figures_hold_no_machine_paths():
     assert not found, "machine paths in committed files:\n" + "\n".join(found[:20])
 
 
-NOTEBOOK_BOUND = 1_000_000      # bytes per executed notebook in a committed bundle
-
-
-def test_committed_executed_notebooks_are_small_and_hold_no_secrets():
-    """results/cpu/notebooks/ holds the default run's five executed notebooks, outputs kept: each
-    under a size bound, with no API key or token in any output (machine paths: the test above)."""
+@pytest.mark.parametrize("bundle", ["cpu", "cpu-full"])
+def test_committed_executed_notebooks_are_stripped_and_hold_no_secrets(bundle):
+    """results/<profile>/notebooks/ holds the run's five executed notebooks as the code and
+    parameters that ran, without outputs, execution counts or widget state (the executed copies
+    stay in runs/<profile>/notebooks/), with no API key or token (machine paths: the test above)."""
     import re
-    folder = paths.REPO_ROOT / "results" / "cpu" / "notebooks"
+    folder = paths.REPO_ROOT / "results" / bundle / "notebooks"
     found = sorted(p.name for p in folder.glob("*.ipynb"))
     assert found == [f"{nb}.ipynb" for nb in ("01_sample_wrong", "02_elicit", "03_align", "04_evaluate", "05_figures")]
     for path in folder.glob("*.ipynb"):
-        assert path.stat().st_size < NOTEBOOK_BOUND, (path.name, path.stat().st_size)
         text = path.read_text(encoding="utf-8")
         nb = json.loads(text)
-        assert any(cell.get("outputs") for cell in nb["cells"] if cell["cell_type"] == "code"), f"{path.name}: no outputs"
-        images = [k for c in nb["cells"] for o in c.get("outputs", []) for k in o.get("data", {}) if k.startswith("image/")]
-        assert not images, f"{path.name}: embedded images (figures/ holds them)"
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), path.name
+        assert "widgets" not in nb["metadata"], path.name
+        assert any("injected-parameters" in c["metadata"].get("tags", []) for c in code), path.name
         secrets = re.findall(r"sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|OPENAI_API_KEY\s*=\s*\S+", text)
         assert not secrets, f"{path.name}: {secrets[:3]}"
+
+
+def test_a_bundle_strips_executed_notebooks(tmp_path):
+    """portable_notebook keeps the code, the injected parameters and papermill's run metadata, and
+    drops outputs, execution counts, per-cell timing and widget state; machine folders become short."""
+    run_root = tmp_path / "repo" / "runs" / "cpu"
+    executed = {"metadata": {"papermill": {"parameters": {"profile": "cpu"}, "output_path": f"{run_root}/notebooks/x"},
+                             "widgets": {"state": {}}},
+                "cells": [{"cell_type": "code", "execution_count": 3, "source": ["profile = \"cpu\"\n"],
+                           "metadata": {"tags": ["injected-parameters"], "execution": {"t": 1}, "papermill": {"d": 2}},
+                           "outputs": [{"output_type": "stream", "text": ["hello\n"]},
+                                       {"output_type": "display_data", "data": {"image/png": "iVBOR"}}]},
+                          {"cell_type": "markdown", "metadata": {}, "source": ["# title"]}]}
+    kept = json.loads(report.portable_notebook(json.dumps(executed), run_root))
+    code, markdown = kept["cells"]
+    assert code["outputs"] == [] and code["execution_count"] is None
+    assert code["metadata"] == {"tags": ["injected-parameters"]} and code["source"] == ["profile = \"cpu\"\n"]
+    assert markdown == executed["cells"][1]
+    assert kept["metadata"] == {"papermill": {"parameters": {"profile": "cpu"}, "output_path": "runs/cpu/notebooks/x"}}
 
 
 def test_the_default_run_shows_every_item_of_the_paper():

@@ -130,28 +130,28 @@ def write_report(run: RunLike, out_dir: Path | str | None = None) -> list[Path]:
 # no adapters, no caches, no Phase 1 samples.
 BUNDLE_FILES = ("elicitation/*.csv", "prefs/summary.csv", "models/summary.csv", "models/*/train_log.json",
                 "eval/*.csv", "eval/*/*.jsonl",
-                "notebooks/*.ipynb")    # the executed notebooks, to read without running anything
+                "notebooks/*.ipynb")    # the executed notebooks, stripped: the code and parameters that ran
 
 
 class BundleError(ValueError):
     """A run's report inputs hold something a committed bundle must not (machine paths)."""
 
 
-FIGURE_NOTE = "[figure left out of the committed copy: figures/ holds it]"
-
-
 def portable_notebook(text: str, run_root: Path) -> str:
-    """An executed notebook's JSON as a bundle keeps it: every text output, but no embedded image
-    (the figures are the bundle's own files, ``figures/``; the note ``FIGURE_NOTE`` stands in), and
-    this machine's folders in the outputs replaced: the environment (``sys.prefix``, also resolved)
-    by ``<venv>``, the run directory by ``runs/<run>``, the repository the run was made from (the run
-    directory's grandparent) and this one by ``.``."""
+    """An executed notebook's JSON as a bundle keeps it: the code as it ran (the parameters papermill
+    injected, the run's parameters and timing in the notebook's metadata) without outputs, execution
+    counts, per-cell timing or widget state (the executed copy with its outputs stays in
+    ``runs/<run>/notebooks/``; the numbers are the bundle's tables and ``figures/``), and this
+    machine's folders replaced: the environment (``sys.prefix``, also resolved) by ``<venv>``, the
+    run directory by ``runs/<run>``, the repository the run was made from (the run directory's
+    grandparent) and this one by ``.``."""
     notebook = json.loads(text)
+    notebook.get("metadata", {}).pop("widgets", None)
     for cell in notebook.get("cells", []):
-        for output in cell.get("outputs", []):
-            data = output.get("data", {})
-            if any(key.startswith("image/") for key in data):
-                output["data"] = {k: v for k, v in data.items() if not k.startswith("image/")} | {"text/plain": FIGURE_NOTE}
+        for key in ("execution", "papermill"):
+            cell.get("metadata", {}).pop(key, None)
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
     text = json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
     run_root = Path(run_root).resolve()
     swaps = [(Path(sys.prefix).resolve(), "<venv>"), (Path(sys.prefix), "<venv>"),
@@ -165,10 +165,9 @@ def write_bundle(run: RunLike, dest: Path | str) -> list[Path]:
     """Copy the report's inputs from ``run`` into ``dest`` (same layout), so that the tables and
     figures can be re-rendered with no model and no run: ``write_report(dest, out)``.
 
-    The files are copied byte for byte, never rewritten, except the executed notebooks: their
-    embedded images are left out (the figures are files of their own) and the machine's folders in
-    their outputs (a library warning's file, the run directory) become ``.``, ``runs/<run>`` and
-    ``<venv>`` (``portable_notebook``). A bundle is committed, so a file that
+    The files are copied byte for byte, never rewritten, except the executed notebooks: they are
+    committed without their outputs, and the machine's folders in them become ``.``,
+    ``runs/<run>`` and ``<venv>`` (``portable_notebook``). A bundle is committed, so a file that
     holds a machine-local absolute path (a user name, the machine's layout: ``store.absolute_paths``)
     is refused (``BundleError`` naming the file, the line and the path) before anything is copied."""
     run, dest = as_run(run), Path(dest)
