@@ -222,13 +222,13 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         raise ProfileError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(profile, dict):
         raise ProfileError(f"{path}: expected a mapping of setting: value")
-    types = {nb: settings(cls) for nb, cls in STAGES.items()}
+    by_stage = {nb: settings(cls) for nb, cls in STAGES.items()}
     for key, value in profile.items():
-        owners = [nb for nb, hints in types.items() if key in hints]
+        owners = [nb for nb, hints in by_stage.items() if key in hints]
         if not owners:
-            known = sorted({k for hints in types.values() for k in hints})
+            known = sorted({k for hints in by_stage.values() for k in hints})
             raise ProfileError(f"{path}: {key!r} is not a setting of any stage (known: {', '.join(known)})")
-        _check(str(path), key, value, types[owners[0]][key], owners[0])
+        _check(str(path), key, value, by_stage[owners[0]][key], owners[0])
     return profile
 
 

@@ -364,28 +364,16 @@ def fetch(sources: Sequence[Source], data_dir: Path, *, base: str | None = None,
 # ---------------------------------------------------------------------------- profiles
 
 def profile_tasks(profile: str) -> tuple[Path, list[str], list[str]]:
-    """(the YAML file, the profile's tasks, the generalisation targets it adds). A key the profile
-    does not set takes its default (``wowlib.config``). Only these keys are read: the whole profile
-    is checked by ``python -m wowlib.config``."""
-    import yaml
-
+    """(the YAML file, the profile's tasks, the generalisation targets it adds), from the profile's
+    checked settings (``wowlib.config``; a key it does not set takes its default)."""
     path = config.profile_path(profile)
-    if not path.is_file():
-        raise FileNotFoundError(f"no profile {profile!r} (expected {path})")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a profile is a flat YAML mapping, got {type(values).__name__}")
-    defaults = config.defaults()
-    tasks = values.get("tasks", defaults.get("tasks")) or []
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"{path}: 'tasks' must be a list of task names, got {tasks!r}")
+    settings = config.resolved(config.load_profile(path))
+    tasks = list(dict.fromkeys(settings["tasks"]))
     extra: list[str] = []
-    if values.get("generalisation", defaults.get("generalisation")) is True:
+    if settings["generalisation"]:
         from .evaluate import GENERALISATION
         extra = [t for task in tasks for t in GENERALISATION.get(task, ()) if t not in tasks]
-    return path, list(dict.fromkeys(tasks)), list(dict.fromkeys(extra))
+    return path, tasks, list(dict.fromkeys(extra))
 
 
 def fetch_command(tasks: Sequence[str], data_dir: Path) -> str:
